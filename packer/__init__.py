@@ -1,0 +1,7 @@
+"""prune-serve packer: pruned checkpoints in, dense resized artifacts out."""
+
+__version__ = "0.1.0"
+
+from packer.artifact import LoadedModel, load  # noqa: E402
+
+__all__ = ["LoadedModel", "__version__", "load"]

@@ -1,0 +1,181 @@
+"""The artifact directory: the contract between packing and serving.
+
+OUT/config.json (HF config + "prune_serve" section), model.safetensors, tokenizer files and
+pack.json (provenance, structure, equivalence, sha256 of every file). Writes are atomic: the
+directory is built under a temporary name beside OUT and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from packer.checkpoint import sha256_file
+from packer.errors import ArtifactError
+from packer.modeling import PackedConfig, PackedModel
+
+MANIFEST = "pack.json"
+WEIGHTS = "model.safetensors"
+VARIANT_FILES = {
+    "torch": WEIGHTS,
+    "onnx": "model.onnx",
+    "onnx-int8": "model.int8.onnx",
+    "onnx-fp16": "model.fp16.onnx",
+}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    config: PackedConfig
+    manifest: dict
+    path: Path
+    variant: str = "torch"
+
+
+@contextmanager
+def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; on success it replaces `out`, on error it vanishes."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ArtifactError(f"{out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def file_checksums(directory: Path) -> dict[str, str]:
+    return {
+        p.relative_to(directory).as_posix(): sha256_file(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def write_manifest(directory: Path, manifest: dict) -> dict:
+    manifest = dict(manifest)
+    manifest["files"] = file_checksums(directory)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: no such artifact directory")
+    file = path / MANIFEST
+    if not file.is_file():
+        raise ArtifactError(f"{path}: no {MANIFEST}; this is not a packed artifact (pack it with prune-pack pack)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{file}: not valid JSON ({exc})") from exc
+
+
+def verify_checksums(path: Path, manifest: dict, names: list[str] | None = None) -> None:
+    recorded = manifest.get("files") or {}
+    for name in names if names is not None else sorted(recorded):
+        file = path / name
+        if name not in recorded:
+            raise ArtifactError(f"{file}: not listed in {MANIFEST}; the artifact was changed after packing")
+        if not file.is_file():
+            raise ArtifactError(f"{file}: missing (listed in {MANIFEST})")
+        actual = sha256_file(file)
+        if actual != recorded[name]:
+            raise ArtifactError(
+                f"{file}: sha256 {actual[:12]}… does not match {MANIFEST} ({recorded[name][:12]}…); "
+                "the file is corrupted or was modified: pack the model again"
+            )
+
+
+def read_packed_config(path: Path) -> PackedConfig:
+    file = Path(path) / "config.json"
+    try:
+        section = json.loads(file.read_text())["prune_serve"]
+        return PackedConfig.from_section(section)
+    except FileNotFoundError:
+        raise ArtifactError(f"{file}: missing") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{file}: no valid 'prune_serve' section ({exc!r})") from exc
+
+
+def load_weights(model: torch.nn.Module, file: Path) -> None:
+    """Load safetensors into `model`, naming any missing, unexpected or mis-shaped tensor."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(file))
+    except Exception as exc:
+        raise ArtifactError(f"{file}: cannot be read as safetensors ({exc})") from exc
+    expected = model.state_dict()
+    for name, param in expected.items():
+        if name not in tensors:
+            raise ArtifactError(f"{file}: missing tensor {name} (config.json expects it)")
+        if tuple(tensors[name].shape) != tuple(param.shape):
+            raise ArtifactError(
+                f"{file}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                f"expected {tuple(param.shape)} from config.json"
+            )
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise ArtifactError(f"{file}: unexpected tensor {unexpected[0]} (config.json has no place for it)")
+    model.load_state_dict(tensors, strict=True)
+
+
+def build_model(config: PackedConfig) -> PackedModel:
+    # Skip random initialisation: every parameter is overwritten by the artifact's weights.
+    with torch.device("meta"):
+        model = PackedModel(config)
+    return model.to_empty(device="cpu")
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise ArtifactError(f"{path}: cannot load the tokenizer ({exc})") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ArtifactError(f"{path}: the tokenizer is not a fast tokenizer (character offsets need one)")
+    return tokenizer
+
+
+def load(path: str | Path, variant: str = "torch", verify: bool = True) -> LoadedModel:
+    """Load a packed artifact from its directory alone, refusing anything that does not check out."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if variant not in VARIANT_FILES:
+        raise ArtifactError(f"variant {variant!r} is not one of {', '.join(VARIANT_FILES)}")
+    if variant != "torch":
+        raise ArtifactError(f"variant {variant!r} is served by the ONNX Runtime backend, not packer.load")
+    if verify:
+        verify_checksums(path, manifest)
+    config = read_packed_config(path)
+    model = build_model(config)
+    load_weights(model, path / WEIGHTS)
+    model.eval()
+    return LoadedModel(
+        model=model, tokenizer=load_tokenizer(path), config=config, manifest=manifest, path=path, variant=variant
+    )
+

@@ -1,0 +1,167 @@
+"""prune-pack: pack | inspect | bench | synth."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from packer.errors import PackerError
+
+log = logging.getLogger("prune-pack")
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+def cmd_pack(args) -> int:
+    from packer.pack import PackOptions, pack
+
+    manifest = pack(
+        args.src,
+        args.out,
+        PackOptions(
+            task=args.task,
+            masks=args.masks,
+            tokenizer=args.tokenizer,
+            revision=args.revision,
+            tolerance=args.tolerance,
+            force=args.force,
+            progress=not args.quiet,
+        ),
+    )
+    s, eq, p = manifest["structure"], manifest["equivalence"], manifest["params"]
+    print(
+        f"packed {args.src} -> {args.out}\n"
+        f"  heads {s['heads_after']}/{s['heads_before']}, FFN dims {s['ffn_after']}/{s['ffn_before']}, "
+        f"encoder linear weights kept {s['encoder_linear_fraction_kept']:.1%}\n"
+        f"  parameters {p['before']:,} -> {p['after']:,}\n"
+        f"  equivalence: max abs logit diff {eq['max_abs_diff']:.2e} (tolerance {eq['tolerance']:g})\n"
+        f"  took {manifest['timings']['total_s']:.1f} s"
+    )
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from packer.artifact import MANIFEST, read_manifest
+    from packer.inspection import plot_structure, render_table
+
+    path = Path(args.path)
+    if (path / MANIFEST).is_file():
+        manifest = read_manifest(path)
+        layers, params, title = manifest["layers"], manifest["params"], f"{path.name} (packed)"
+        summary = manifest["structure"]
+    else:
+        from packer.pack import PackOptions, layer_report, prepare
+        from packer.structure import summarize
+
+        prepared = prepare(args.path, PackOptions(masks=args.masks, task=args.task, progress=not args.quiet))
+        layers = [layer_report(ls) for ls in prepared.layers]
+        params, title = None, f"{args.path} (source)"
+        summary = summarize(prepared.layers, prepared.source.hidden_size)
+    if args.json:
+        print(json.dumps({"layers": layers, "structure": summary, "params": params}, indent=2))
+    else:
+        print(render_table(layers, params))
+        print(
+            f"encoder linear weights kept: {summary['encoder_linear_fraction_kept']:.1%}; "
+            f"density of what packing keeps: {summary['kept_weights_density']:.1%}"
+        )
+    if args.plot:
+        print(f"wrote {plot_structure(layers, args.plot, title)}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from packer.evaluate.bench import format_rows, parse_shape, run_bench
+
+    _set_threads(args.threads)
+    import torch
+
+    try:
+        shapes = [parse_shape(s) for s in args.shape or ["1x384", "8x128"]]
+    except ValueError as exc:
+        raise PackerError(str(exc)) from None
+    rows = run_bench(args.src, args.out, shapes, warmup=args.warmup, runs=args.runs, masks=args.masks)
+    print(f"torch {torch.__version__}, fp32 CPU, {torch.get_num_threads()} threads, median of {args.runs} runs")
+    print(format_rows(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from packer.synthetic import build_profile
+
+    out = build_profile(args.out, args.profile, task=args.task, seed=args.seed)
+    print(f"wrote a random {args.profile} checkpoint to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prune-pack", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pack", parents=[common], help="pack a pruned checkpoint into a dense resized artifact")
+    p.add_argument("src", help="checkpoint directory or hub id")
+    p.add_argument("out", help="artifact directory to write (its name is the model's name when served)")
+    p.add_argument("--masks", help="JSON gates file: {heads: {layer: [0/1,...]}, ffn: {layer: [...]}}")
+    p.add_argument("--task", choices=["qa", "classification"], help="override the task read from the checkpoint")
+    p.add_argument("--tokenizer", help="tokenizer directory or hub id when SRC has none")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (1e-4)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("inspect", parents=[common], help="per-layer structure of a checkpoint or an artifact")
+    p.add_argument("path", help="checkpoint directory, hub id, or packed artifact")
+    p.add_argument("--masks", help="gates file to apply first (checkpoints only)")
+    p.add_argument("--task", choices=["qa", "classification"])
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the per-layer structure")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", parents=[common], help="latency of source vs packed, side by side")
+    p.add_argument("src", help="the source checkpoint")
+    p.add_argument("out", help="its packed artifact")
+    p.add_argument("--shape", action="append", metavar="BATCHxSEQ", help="repeatable; default 1x384 and 8x128")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--masks", help="gates file the artifact was packed with")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("synth", parents=[common], help="write a random pruned checkpoint (tests and benchmarks)")
+    p.add_argument("out")
+    p.add_argument("--profile", default="tiny", choices=["tiny", "bert-base-40h-70f", "bert-large-seed"])
+    p.add_argument("--task", default="qa", choices=["qa", "classification"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except PackerError as exc:
+        print(f"prune-pack: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""pack: checkpoint -> structure -> resize -> verify -> artifact."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from packer import __version__
+from packer.artifact import WEIGHTS, atomic_directory, build_model, write_manifest
+from packer.checkpoint import Source, has_tokenizer, read_source
+from packer.errors import CheckpointError, VerificationError
+from packer.masks import Masks, apply_masks, read_masks
+from packer.modeling import count_parameters
+from packer.resize import packed_config, resize
+from packer.structure import LayerStructure, analyze, summarize
+from packer.verify import check_equivalence, reference_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PackOptions:
+    task: str | None = None
+    masks: str | None = None
+    tokenizer: str | None = None
+    revision: str | None = None
+    tolerance: float = 1e-4
+    force: bool = False
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Prepared:
+    """A source with masks applied and its structure found: what inspect shows and pack packs."""
+
+    source: Source
+    masks: Masks | None
+    layers: list[LayerStructure]
+    seconds: float
+
+
+def prepare(src: str, options: PackOptions) -> Prepared:
+    start = time.perf_counter()
+    source = read_source(src, task=options.task, revision=options.revision, progress=options.progress)
+    masks = read_masks(options.masks) if options.masks else None
+    if masks:
+        apply_masks(source, masks)
+    return Prepared(source, masks, analyze(source), time.perf_counter() - start)
+
+
+def load_source_tokenizer(source: Source, override: str | None):
+    from transformers import AutoTokenizer
+
+    location = override or str(source.path)
+    if override is None and not has_tokenizer(source.path):
+        raise CheckpointError(
+            f"{source.path} has no tokenizer files (tokenizer.json, vocab.txt or vocab.json); "
+            "pass --tokenizer PATH_OR_HUB_ID"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except Exception as exc:
+        raise CheckpointError(f"cannot load the tokenizer from {location}: {exc}") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise CheckpointError(f"the tokenizer at {location} has no fast version; character offsets need one")
+    return tokenizer
+
+
+def layer_report(ls: LayerStructure) -> dict:
+    return {
+        "layer": ls.index,
+        "heads": {"before": ls.num_heads, "after": len(ls.kept_heads)},
+        "ffn_dims": {"before": ls.intermediate_size, "after": len(ls.kept_ffn)},
+        "kept_heads": ls.kept_heads,
+        "removed_heads": {"value_zero_folded": ls.heads_value_zero, "output_zero": ls.heads_output_zero},
+        "uniform_attention_heads_kept": ls.uniform_heads,
+        "removed_ffn_dims": {"input_zero_folded": ls.ffn_input_zero, "output_zero": ls.ffn_output_zero},
+        "density": ls.density,
+        "kept_density": ls.kept_density,
+    }
+
+
+def pack(src: str, out: str | Path, options: PackOptions | None = None) -> dict:
+    """Pack `src` into the artifact directory `out`; returns the manifest (pack.json)."""
+    options = options or PackOptions()
+    t0 = time.perf_counter()
+    prepared = prepare(src, options)
+    source, layers = prepared.source, prepared.layers
+    tokenizer = load_source_tokenizer(source, options.tokenizer)
+    for ls in layers:
+        if ls.uniform_heads:
+            log.warning(
+                "layer %d: heads %s have zero query or key weights but a live value path; they attend "
+                "uniformly and are kept", ls.index, ls.uniform_heads,
+            )
+
+    t1 = time.perf_counter()
+    config = packed_config(source, layers)
+    weights = resize(source, layers, progress=options.progress)
+    model = build_model(config)
+    model.load_state_dict(weights, strict=True)
+    model.eval()
+    t2 = time.perf_counter()
+
+    reference = reference_model(source)
+    equivalence = check_equivalence(reference, model, tokenizer, source, options.tolerance, options.seed)
+    params_before = count_parameters(reference)
+    del reference
+    t3 = time.perf_counter()
+    if not equivalence.passed:
+        raise VerificationError(
+            f"packed model differs from the source: max abs logit diff {equivalence.max_abs_diff:.3g} "
+            f"(random ids {equivalence.random_max_abs_diff:.3g}, text {equivalence.text_max_abs_diff:.3g}) "
+            f"> tolerance {options.tolerance:g}; nothing was written"
+        )
+
+    summary = summarize(layers, source.hidden_size)
+    if summary["kept_weights_density"] < 0.9:
+        log.warning(
+            "%.0f%% of the weights left after packing are zeros (unstructured sparsity): packing cannot "
+            "remove them; they are reported in pack.json",
+            100 * (1 - summary["kept_weights_density"]),
+        )
+    manifest = {
+        "format": 1,
+        "packer_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": {
+            "ref": source.ref,
+            "path": str(source.path),
+            "revision": options.revision,
+            "weights": source.weight_files,
+            "expanded_pruned_heads": {str(k): v for k, v in source.expanded_pruned_heads.items()},
+            "masks": prepared.masks.describe() if prepared.masks else None,
+        },
+        "task": source.task,
+        "arch": source.spec.model_type,
+        "variants": {"torch": {"file": WEIGHTS, "dtype": "float32"}},
+        "params": {"before": params_before, "after": count_parameters(model)},
+        "structure": summary,
+        "layers": [layer_report(ls) for ls in layers],
+        "equivalence": equivalence.to_dict(),
+        "environment": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+
+    with atomic_directory(Path(out), force=options.force) as tmp:
+        from safetensors.torch import save_file
+
+        hf_config = dict(source.config)
+        hf_config["prune_serve"] = config.section()
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        tokenizer.save_pretrained(str(tmp))
+        t4 = time.perf_counter()
+        manifest["timings"] = {
+            "read_and_analyze_s": round(prepared.seconds, 3),
+            "resize_s": round(t2 - t1, 3),
+            "verify_s": round(t3 - t2, 3),
+            "write_s": round(t4 - t3, 3),
+            "total_s": round(t4 - t0, 3),
+        }
+        manifest = write_manifest(tmp, manifest)
+    return manifest

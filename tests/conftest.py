@@ -1,0 +1,129 @@
+"""Tiny pruned checkpoints, built once per session, and the references they are checked against."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from packer.synthetic import PrunePlan, build_checkpoint
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+HIDDEN, HEADS, HEAD_DIM, FFN, LAYERS = 32, 4, 8, 64, 4
+
+
+def every_case_plan() -> PrunePlan:
+    """Each way a head or FFN dim can be pruned, one layer losing every head, one every FFN dim."""
+    return PrunePlan(
+        heads={0: [1], 2: [0, 1, 2, 3]},  # nn_pruning: Q, K, V rows and W_o columns zero
+        heads_value_only={1: [2]},  # only V rows zero: b_v must be folded
+        heads_output_only={1: [0]},  # only W_o columns zero
+        heads_query_only={3: [1]},  # only Q rows zero: uniform attention, NOT removable
+        ffn={0: list(range(10)), 3: list(range(FFN))},  # layer 3 loses every FFN dim
+        ffn_input_only={1: [3, 4, 5]},  # W1 rows zero, b1 non-zero: act(b1) * W2 must be folded
+        ffn_output_only={2: [7, 8]},
+    )
+
+
+# Expected result of every_case_plan, written out by hand.
+EXPECTED_HEADS = [3, 2, 0, 4]
+EXPECTED_FFN = [54, 61, 62, 0]
+
+
+def expected_params(task: str, vocab: int, positions: int, type_vocab: int, num_labels: int = 2) -> int:
+    h, d = HIDDEN, HEAD_DIM
+    total = vocab * h + positions * h + type_vocab * h + 2 * h
+    for heads, ffn in zip(EXPECTED_HEADS, EXPECTED_FFN, strict=True):
+        width = heads * d
+        total += 3 * (h * width + width) + width * h + h + 2 * h  # q, k, v, out weight, out bias, LN
+        total += h * ffn + ffn + ffn * h + h + 2 * h  # fc1, fc2 weight, fc2 bias, LN
+    if task == "question-answering":
+        return total + 2 * h + 2
+    return total + h * h + h + num_labels * h + num_labels
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def bert_qa_src(workdir) -> Path:
+    return build_checkpoint(workdir / "bert-qa-src", arch="bert", task="qa", plan=every_case_plan(), seed=1)
+
+
+@pytest.fixture(scope="session")
+def roberta_cls_src(workdir) -> Path:
+    return build_checkpoint(
+        workdir / "roberta-cls-src", arch="roberta", task="classification", plan=every_case_plan(), seed=2,
+        num_labels=3, weights_format="bin",
+    )
+
+
+@pytest.fixture(scope="session")
+def bert_qa_packed(workdir, bert_qa_src) -> Path:
+    from packer.pack import PackOptions, pack
+
+    out = workdir / "bert-qa"
+    pack(str(bert_qa_src), out, PackOptions(progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def roberta_cls_packed(workdir, roberta_cls_src) -> Path:
+    from packer.pack import PackOptions, pack
+
+    out = workdir / "roberta-cls"
+    pack(str(roberta_cls_src), out, PackOptions(progress=False))
+    return out
+
+
+def hf_model(src: Path):
+    """The source through transformers' own loader: full-size, so from_pretrained works."""
+    from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(src)
+    arch = config.architectures[0]
+    auto = AutoModelForQuestionAnswering if arch.endswith("QuestionAnswering") else AutoModelForSequenceClassification
+    return auto.from_pretrained(src, attn_implementation="eager").eval()
+
+
+def outputs(model, inputs) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        out = model(**inputs)
+    if getattr(out, "start_logits", None) is not None:
+        return [out.start_logits, out.end_logits]
+    return [out.logits]
+
+
+def sample_inputs(tokenizer, task: str, vocab: int, pad: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Random ids with padding, and real text through the tokenizer."""
+    from packer.samples import QA_PAIRS, SENTENCES
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (4, 40), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    mask[3, 10:] = 0
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad))
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    if task == "question-answering":
+        q, c = zip(*QA_PAIRS, strict=True)
+        enc = tokenizer(list(q), list(c), padding=True, return_tensors="pt")
+    else:
+        enc = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    batches.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+    return batches
+
+
+def max_diff(a_model, b_model, batches) -> float:
+    worst = 0.0
+    for inputs in batches:
+        for a, b in zip(outputs(a_model, inputs), outputs(b_model, inputs), strict=True):
+            worst = max(worst, (a - b).abs().max().item())
+    return worst
