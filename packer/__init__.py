@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from packer.artifact import LoadedModel, load  # noqa: E402
+from packer.artifact import LoadedModel, load
 
 __all__ = ["LoadedModel", "__version__", "load"]

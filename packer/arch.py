@@ -22,24 +22,30 @@ class ArchSpec:
 
     def layer(self, i: int, part: str) -> str:
         base = f"{self.prefix}.encoder.layer.{i}."
-        return base + {
-            "query": "attention.self.query",
-            "key": "attention.self.key",
-            "value": "attention.self.value",
-            "attn_out": "attention.output.dense",
-            "attn_norm": "attention.output.LayerNorm",
-            "ffn_in": "intermediate.dense",
-            "ffn_out": "output.dense",
-            "ffn_norm": "output.LayerNorm",
-        }[part]
+        return (
+            base
+            + {
+                "query": "attention.self.query",
+                "key": "attention.self.key",
+                "value": "attention.self.value",
+                "attn_out": "attention.output.dense",
+                "attn_norm": "attention.output.LayerNorm",
+                "ffn_in": "intermediate.dense",
+                "ffn_out": "output.dense",
+                "ffn_norm": "output.LayerNorm",
+            }[part]
+        )
 
     def embedding(self, part: str) -> str:
-        return f"{self.prefix}.embeddings." + {
-            "word": "word_embeddings",
-            "position": "position_embeddings",
-            "token_type": "token_type_embeddings",
-            "norm": "LayerNorm",
-        }[part]
+        return (
+            f"{self.prefix}.embeddings."
+            + {
+                "word": "word_embeddings",
+                "position": "position_embeddings",
+                "token_type": "token_type_embeddings",
+                "norm": "LayerNorm",
+            }[part]
+        )
 
     def head_keys(self, task: str) -> dict[str, str]:
         """Packed head name -> source module name, for the task."""

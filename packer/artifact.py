@@ -85,7 +85,9 @@ def read_manifest(path: Path) -> dict:
         raise ArtifactError(f"{path}: no such artifact directory")
     file = path / MANIFEST
     if not file.is_file():
-        raise ArtifactError(f"{path}: no {MANIFEST}; this is not a packed artifact (pack it with prune-pack pack)")
+        raise ArtifactError(
+            f"{path}: no {MANIFEST}; this is not a packed artifact (pack it with prune-pack pack)"
+        )
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as exc:
@@ -176,6 +178,10 @@ def load(path: str | Path, variant: str = "torch", verify: bool = True) -> Loade
     load_weights(model, path / WEIGHTS)
     model.eval()
     return LoadedModel(
-        model=model, tokenizer=load_tokenizer(path), config=config, manifest=manifest, path=path, variant=variant
+        model=model,
+        tokenizer=load_tokenizer(path),
+        config=config,
+        manifest=manifest,
+        path=path,
+        variant=variant,
     )
-

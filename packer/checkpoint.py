@@ -117,13 +117,17 @@ def _weight_files(path: Path) -> list[Path]:
     )
 
 
-def _read_weight_file(file: Path) -> dict[str, torch.Tensor]:
+def _read_weight_file(file: Path, progress: bool) -> dict[str, torch.Tensor]:
     if file.suffix == ".safetensors":
         from safetensors import safe_open
 
         try:
             with safe_open(str(file), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
+                names = list(f.keys())
+                bar = tqdm(
+                    names, desc=f"reading {file.name}", unit="tensor", disable=not progress, leave=False
+                )
+                return {k: f.get_tensor(k) for k in bar}
         except Exception as exc:
             raise CheckpointError(f"{file}: cannot be read as safetensors ({exc})") from exc
     try:
@@ -139,8 +143,8 @@ def read_state_dict(path: Path, progress: bool = True) -> tuple[dict[str, torch.
     files = _weight_files(path)
     state: dict[str, torch.Tensor] = {}
     described = []
-    for file in tqdm(files, desc="reading weights", unit="file", disable=not progress or len(files) < 2):
-        state.update(_read_weight_file(file))
+    for file in files:
+        state.update(_read_weight_file(file, progress))
         described.append({"file": file.name, "sha256": sha256_file(file), "bytes": file.stat().st_size})
     return state, described
 
@@ -231,14 +235,14 @@ def _check_config(config: dict, path: Path) -> None:
         )
     kind = config.get("position_embedding_type", "absolute")
     if kind != "absolute":
-        raise CheckpointError(f"config.json: position_embedding_type {kind!r} is not supported (only absolute)")
+        raise CheckpointError(
+            f"config.json: position_embedding_type {kind!r} is not supported (only absolute)"
+        )
     if config.get("is_decoder") or config.get("add_cross_attention"):
         raise CheckpointError("config.json: decoder / cross-attention BERT models are not supported")
 
 
-def expand_pruned_heads(
-    state: dict[str, torch.Tensor], config: dict, spec: ArchSpec
-) -> dict[int, list[int]]:
+def expand_pruned_heads(state: dict[str, torch.Tensor], config: dict, spec: ArchSpec) -> dict[int, list[int]]:
     """Undo HF `prune_heads`: re-insert pruned heads as zeros (their V rows and output columns).
 
     The expanded model computes exactly what the pruned one did, in the layout HF's current

@@ -89,7 +89,9 @@ def cmd_bench(args) -> int:
     except ValueError as exc:
         raise PackerError(str(exc)) from None
     rows = run_bench(args.src, args.out, shapes, warmup=args.warmup, runs=args.runs, masks=args.masks)
-    print(f"torch {torch.__version__}, fp32 CPU, {torch.get_num_threads()} threads, median of {args.runs} runs")
+    print(
+        f"torch {torch.__version__}, fp32 CPU, {torch.get_num_threads()} threads, median of {args.runs} runs"
+    )
     print(format_rows(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
@@ -110,11 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pack", parents=[common], help="pack a pruned checkpoint into a dense resized artifact")
+    p = sub.add_parser(
+        "pack", parents=[common], help="pack a pruned checkpoint into a dense resized artifact"
+    )
     p.add_argument("src", help="checkpoint directory or hub id")
     p.add_argument("out", help="artifact directory to write (its name is the model's name when served)")
     p.add_argument("--masks", help="JSON gates file: {heads: {layer: [0/1,...]}, ffn: {layer: [...]}}")
-    p.add_argument("--task", choices=["qa", "classification"], help="override the task read from the checkpoint")
+    p.add_argument(
+        "--task", choices=["qa", "classification"], help="override the task read from the checkpoint"
+    )
     p.add_argument("--tokenizer", help="tokenizer directory or hub id when SRC has none")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (1e-4)")
@@ -132,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", parents=[common], help="latency of source vs packed, side by side")
     p.add_argument("src", help="the source checkpoint")
     p.add_argument("out", help="its packed artifact")
-    p.add_argument("--shape", action="append", metavar="BATCHxSEQ", help="repeatable; default 1x384 and 8x128")
+    p.add_argument(
+        "--shape", action="append", metavar="BATCHxSEQ", help="repeatable; default 1x384 and 8x128"
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
@@ -140,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("synth", parents=[common], help="write a random pruned checkpoint (tests and benchmarks)")
+    p = sub.add_parser(
+        "synth", parents=[common], help="write a random pruned checkpoint (tests and benchmarks)"
+    )
     p.add_argument("out")
     p.add_argument("--profile", default="tiny", choices=["tiny", "bert-base-40h-70f", "bert-large-seed"])
     p.add_argument("--task", default="qa", choices=["qa", "classification"])

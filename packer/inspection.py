@@ -15,7 +15,7 @@ def _mean(values) -> float:
 
 def render_table(layers: list[dict], params: dict | None = None) -> str:
     """`layers` are pack.json layer entries (packer.pack.layer_report)."""
-    header = f"{'layer':>5}  {'heads':>7}  {'ffn dims':>11}  {'attn dens':>9}  {'ffn dens':>8}  {'kept dens':>9}  notes"
+    header = "layer    heads     ffn dims  attn dens  ffn dens  kept dens  notes"
     lines = [header, "-" * len(header)]
     heads_b = heads_a = ffn_b = ffn_a = 0
     for entry in layers:
@@ -40,7 +40,8 @@ def render_table(layers: list[dict], params: dict | None = None) -> str:
     lines.append(f"{'all':>5}  {heads_a:>3}/{heads_b:<3}  {ffn_a:>5}/{ffn_b:<5}")
     if params:
         lines.append(
-            f"parameters: {params['before']:,} -> {params['after']:,} ({params['after'] / params['before']:.1%})"
+            f"parameters: {params['before']:,} -> {params['after']:,} "
+            f"({params['after'] / params['before']:.1%})"
         )
     return "\n".join(lines)
 

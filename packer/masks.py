@@ -30,7 +30,12 @@ class Masks:
     def describe(self) -> dict:
         closed_heads = sum(g.count(0) for g in self.heads.values())
         closed_ffn = sum(g.count(0) for g in self.ffn.values())
-        return {"path": self.path, "sha256": self.sha256, "heads_off": closed_heads, "ffn_dims_off": closed_ffn}
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "heads_off": closed_heads,
+            "ffn_dims_off": closed_ffn,
+        }
 
 
 def _gates(section: str, layer_key: str, values) -> list[int]:

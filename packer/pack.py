@@ -99,7 +99,9 @@ def pack(src: str, out: str | Path, options: PackOptions | None = None) -> dict:
         if ls.uniform_heads:
             log.warning(
                 "layer %d: heads %s have zero query or key weights but a live value path; they attend "
-                "uniformly and are kept", ls.index, ls.uniform_heads,
+                "uniformly and are kept",
+                ls.index,
+                ls.uniform_heads,
             )
 
     t1 = time.perf_counter()
@@ -111,7 +113,9 @@ def pack(src: str, out: str | Path, options: PackOptions | None = None) -> dict:
     t2 = time.perf_counter()
 
     reference = reference_model(source)
-    equivalence = check_equivalence(reference, model, tokenizer, source, options.tolerance, options.seed)
+    equivalence = check_equivalence(
+        reference, model, tokenizer, source, options.tolerance, options.seed, options.progress
+    )
     params_before = count_parameters(reference)
     del reference
     t3 = time.perf_counter()

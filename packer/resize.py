@@ -46,7 +46,9 @@ def resize_layer(source: Source, ls: LayerStructure) -> dict[str, torch.Tensor]:
     attn_bias = get("attn_out", "bias").double()
     if ls.heads_value_zero:
         rows = _rows(ls.heads_value_zero, ls.head_dim)
-        attn_bias = attn_bias + get("attn_out", "weight")[:, rows].double() @ get("value", "bias")[rows].double()
+        attn_bias = (
+            attn_bias + get("attn_out", "weight")[:, rows].double() @ get("value", "bias")[rows].double()
+        )
     out[prefix + "attention.output.bias"] = attn_bias.float()
     if ls.kept_heads:
         rows = _rows(ls.kept_heads, ls.head_dim)

@@ -45,13 +45,17 @@ class PrunePlan:
     unstructured: float = 0.0  # fraction of the remaining encoder weights zeroed at random
 
     def removed_heads(self, layer: int) -> set[int]:
-        return set(self.heads.get(layer, [])) | set(self.heads_value_only.get(layer, [])) | set(
-            self.heads_output_only.get(layer, [])
+        return (
+            set(self.heads.get(layer, []))
+            | set(self.heads_value_only.get(layer, []))
+            | set(self.heads_output_only.get(layer, []))
         )
 
     def removed_ffn(self, layer: int) -> set[int]:
-        return set(self.ffn.get(layer, [])) | set(self.ffn_input_only.get(layer, [])) | set(
-            self.ffn_output_only.get(layer, [])
+        return (
+            set(self.ffn.get(layer, []))
+            | set(self.ffn_input_only.get(layer, []))
+            | set(self.ffn_output_only.get(layer, []))
         )
 
 
@@ -89,13 +93,22 @@ def write_roberta_tokenizer(out: Path, vocab_size: int = 0) -> int:
     bpe = ByteLevelBPETokenizer()
     corpus = [q + " " + c for q, c in QA_PAIRS] + SENTENCES
     bpe.train_from_iterator(
-        corpus, vocab_size=max(vocab_size, 400), min_frequency=1,
+        corpus,
+        vocab_size=max(vocab_size, 400),
+        min_frequency=1,
         special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
     )
     bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    tokenizer = RobertaTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
-                                     sep_token="</s>", cls_token="<s>", unk_token="<unk>",
-                                     pad_token="<pad>", mask_token="<mask>")
+    tokenizer = RobertaTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+    )
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out))
     return len(tokenizer)
@@ -104,7 +117,11 @@ def write_roberta_tokenizer(out: Path, vocab_size: int = 0) -> int:
 def make_config(arch: str, task: str, shape: Shape, vocab_size: int, num_labels: int = 2) -> dict:
     from transformers import AutoConfig
 
-    extra = {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "type_vocab_size": 1} if arch == "roberta" else {}
+    extra = (
+        {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "type_vocab_size": 1}
+        if arch == "roberta"
+        else {}
+    )
     max_positions = shape.max_positions + (2 if arch == "roberta" else 0)
     config = AutoConfig.for_model(
         arch,
@@ -117,10 +134,14 @@ def make_config(arch: str, task: str, shape: Shape, vocab_size: int, num_labels:
         **extra,
     ).to_dict()
     family = "Bert" if arch == "bert" else "Roberta"
-    config["architectures"] = [family + ("ForQuestionAnswering" if task == QA else "ForSequenceClassification")]
+    config["architectures"] = [
+        family + ("ForQuestionAnswering" if task == QA else "ForSequenceClassification")
+    ]
     if task != QA:
-        config["id2label"] = {str(i): ["negative", "positive", "neutral"][i % 3] + ("" if i < 3 else str(i))
-                              for i in range(num_labels)}
+        config["id2label"] = {
+            str(i): ["negative", "positive", "neutral"][i % 3] + ("" if i < 3 else str(i))
+            for i in range(num_labels)
+        }
         config["label2id"] = {v: int(k) for k, v in config["id2label"].items()}
     return config
 
@@ -170,9 +191,9 @@ def apply_plan(state: dict[str, torch.Tensor], config: dict, arch: str, plan: Pr
     if plan.unstructured:
         gen = torch.Generator().manual_seed(seed + 1)
         for key, t in state.items():
-            if ".encoder.layer." in key and key.endswith("dense.weight") or key.endswith(("query.weight",
-                                                                                           "key.weight",
-                                                                                           "value.weight")):
+            if (".encoder.layer." in key and key.endswith("dense.weight")) or key.endswith(
+                ("query.weight", "key.weight", "value.weight")
+            ):
                 t[torch.rand(t.shape, generator=gen) < plan.unstructured] = 0.0
 
 
@@ -227,7 +248,7 @@ def profile_plan(shape: Shape, heads_removed: int, linear_fraction: float, seed:
         plan.heads[layer] = sorted(torch.randperm(H, generator=gen)[: int(drops[layer])].tolist())
     kept_heads = L * H - heads_removed
     budget = linear_fraction * L * (4 * h * h + 2 * h * inter) - 4 * h * d * kept_heads
-    ffn_total = max(0, int(round(budget / (2 * h))))
+    ffn_total = max(0, round(budget / (2 * h)))
     keep = torch.floor(weight / weight.sum() * ffn_total).long().clamp(max=inter)
     keep[L // 2] += ffn_total - int(keep.sum())
     for layer in range(L):

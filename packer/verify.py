@@ -55,7 +55,9 @@ def random_batches(source: Source, seed: int) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     vocab = int(source.config["vocab_size"])
     pad = int(source.config.get("pad_token_id", 0) or 0)
-    max_len = int(source.config["max_position_embeddings"]) - (pad + 2 if source.spec.model_type == "roberta" else 0)
+    max_len = int(source.config["max_position_embeddings"]) - (
+        pad + 2 if source.spec.model_type == "roberta" else 0
+    )
     batches = []
     for batch, seq in ((2, 24), (3, min(61, max_len))):
         ids = torch.randint(0, vocab, (batch, seq), generator=gen)
@@ -66,7 +68,9 @@ def random_batches(source: Source, seed: int) -> list[dict[str, torch.Tensor]]:
         ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad))
         inputs = {"input_ids": ids, "attention_mask": mask}
         if int(source.config.get("type_vocab_size", 0) or 0) > 1:
-            inputs["token_type_ids"] = (torch.arange(seq)[None, :] >= seq // 3).long().expand(batch, -1) * mask
+            inputs["token_type_ids"] = (torch.arange(seq)[None, :] >= seq // 3).long().expand(
+                batch, -1
+            ) * mask
         batches.append(inputs)
     return batches
 
@@ -76,7 +80,11 @@ def text_batches(tokenizer, source: Source) -> list[dict[str, torch.Tensor]]:
     if source.task == QA:
         questions, contexts = zip(*QA_PAIRS, strict=True)
         enc = tokenizer(
-            list(questions), list(contexts), padding=True, truncation="only_second", max_length=max_len,
+            list(questions),
+            list(contexts),
+            padding=True,
+            truncation="only_second",
+            max_length=max_len,
             return_tensors="pt",
         )
     else:
@@ -94,9 +102,13 @@ def logits(output) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-def max_abs_diff(reference: nn.Module, packed: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+def max_abs_diff(
+    reference: nn.Module, packed: nn.Module, batches: list[dict[str, torch.Tensor]], progress: bool = False
+) -> float:
+    from tqdm.auto import tqdm
+
     worst = 0.0
-    for inputs in batches:
+    for inputs in tqdm(batches, desc="verifying", unit="batch", disable=not progress, leave=False):
         for a, b in zip(logits(reference(**inputs)), logits(packed(**inputs)), strict=True):
             diff = (a.float() - b.float()).abs().max().item()
             if diff != diff:  # NaN never passes a tolerance
@@ -106,12 +118,18 @@ def max_abs_diff(reference: nn.Module, packed: nn.Module, batches: list[dict[str
 
 
 def check_equivalence(
-    reference: nn.Module, packed: nn.Module, tokenizer, source: Source, tolerance: float, seed: int = 0
+    reference: nn.Module,
+    packed: nn.Module,
+    tokenizer,
+    source: Source,
+    tolerance: float,
+    seed: int = 0,
+    progress: bool = False,
 ) -> Equivalence:
     random_inputs = random_batches(source, seed)
     text_inputs = text_batches(tokenizer, source)
-    random_diff = max_abs_diff(reference, packed, random_inputs)
-    text_diff = max_abs_diff(reference, packed, text_inputs)
+    random_diff = max_abs_diff(reference, packed, random_inputs, progress)
+    text_diff = max_abs_diff(reference, packed, text_inputs, progress)
     worst = max(random_diff, text_diff)
     return Equivalence(
         max_abs_diff=worst,

@@ -60,8 +60,13 @@ def bert_qa_src(workdir) -> Path:
 @pytest.fixture(scope="session")
 def roberta_cls_src(workdir) -> Path:
     return build_checkpoint(
-        workdir / "roberta-cls-src", arch="roberta", task="classification", plan=every_case_plan(), seed=2,
-        num_labels=3, weights_format="bin",
+        workdir / "roberta-cls-src",
+        arch="roberta",
+        task="classification",
+        plan=every_case_plan(),
+        seed=2,
+        num_labels=3,
+        weights_format="bin",
     )
 
 
@@ -89,7 +94,11 @@ def hf_model(src: Path):
 
     config = AutoConfig.from_pretrained(src)
     arch = config.architectures[0]
-    auto = AutoModelForQuestionAnswering if arch.endswith("QuestionAnswering") else AutoModelForSequenceClassification
+    auto = (
+        AutoModelForQuestionAnswering
+        if arch.endswith("QuestionAnswering")
+        else AutoModelForSequenceClassification
+    )
     return auto.from_pretrained(src, attn_implementation="eager").eval()
 
 

@@ -33,7 +33,7 @@ def test_ffn_dims_removed_for_each_reason(layers):
 
 
 def test_detection_is_exact_not_approximate(tmp_path):
-    """A head whose value rows are all 1e-30 but one is not removable; nn_pruning's thresholds would drop it."""
+    """One 1e-30 weight keeps a head: nn_pruning's thresholds would drop it."""
     src = build_checkpoint(tmp_path / "src", plan=PrunePlan(heads={0: [2]}), seed=3)
     source = read_source(str(src), progress=False)
     key = "bert.encoder.layer.0.attention.self.value.weight"

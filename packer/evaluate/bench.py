@@ -27,7 +27,9 @@ class BenchRow:
         return asdict(self) | {"flop_efficiency": self.flop_efficiency}
 
 
-def encoder_flops(hidden: int, head_dim: int, heads: list[int], ffn: list[int], batch: int, seq: int) -> float:
+def encoder_flops(
+    hidden: int, head_dim: int, heads: list[int], ffn: list[int], batch: int, seq: int
+) -> float:
     """Multiply-adds x2 of the encoder: projections, attention scores and context, FFN."""
     tokens = batch * seq
     total = 0.0
@@ -106,7 +108,9 @@ def run_bench(
     rows = []
     for batch, seq in shapes:
         if seq > c.max_position_embeddings - (c.pad_token_id + 1 if c.arch == "roberta" else 0):
-            raise ValueError(f"sequence {seq} is longer than the model's {c.max_position_embeddings} positions")
+            raise ValueError(
+                f"sequence {seq} is longer than the model's {c.max_position_embeddings} positions"
+            )
         inputs = make_inputs(c.vocab_size, c.pad_token_id, batch, seq, seed)
         source_ms, packed_ms = time_pair(source, loaded.model, inputs, warmup, runs)
         flop_ratio = encoder_flops(c.hidden_size, c.head_dim, full_heads, full_ffn, batch, seq) / max(

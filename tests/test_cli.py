@@ -1,0 +1,81 @@
+import json
+
+import pytest
+
+from packer.cli import main
+from packer.evaluate.bench import encoder_flops, parse_shape
+from packer.structure import encoder_linear_params
+from packer.synthetic import PROFILES, profile_plan
+
+
+def test_inspect_source_table(bert_qa_src, capsys):
+    assert main(["inspect", "-q", str(bert_qa_src)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[1] for r in rows] == ["3/4", "2/4", "0/4", "4/4"]
+    assert [r[2] for r in rows] == ["54/64", "61/64", "62/64", "0/64"]
+    assert "uniform heads kept [1]" in out
+
+
+def test_inspect_artifact_json_and_plot(bert_qa_packed, tmp_path, capsys):
+    plot = tmp_path / "structure.png"
+    assert main(["inspect", "-q", str(bert_qa_packed), "--json", "--plot", str(plot)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [e["heads"]["after"] for e in data["layers"]] == [3, 2, 0, 4]
+    assert data["params"]["after"] < data["params"]["before"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
+
+
+def test_bench_prints_side_by_side_ratio(bert_qa_src, bert_qa_packed, tmp_path, capsys):
+    rows_file = tmp_path / "bench.json"
+    argv = [
+        "bench",
+        "-q",
+        str(bert_qa_src),
+        str(bert_qa_packed),
+        "--shape",
+        "2x32",
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        str(rows_file),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2x32" in out and "speedup" in out
+    (row,) = json.loads(rows_file.read_text())
+    assert row["batch"] == 2 and row["seq"] == 32
+    assert row["speedup"] == pytest.approx(row["source_ms"] / row["packed_ms"])
+    assert row["flop_ratio"] > 1.0
+
+
+def test_bench_rejects_bad_shape(bert_qa_src, bert_qa_packed, capsys):
+    assert main(["bench", "-q", str(bert_qa_src), str(bert_qa_packed), "--shape", "8by128"]) == 2
+    assert "BATCHxSEQ" in capsys.readouterr().err
+
+
+def test_flops_of_a_layer():
+    # One layer, hidden 4, 1 head of 4, FFN 8, batch 1, seq 2.
+    assert encoder_flops(4, 4, [1], [8], 1, 2) == 2 * 2 * (4 * 4 * 4 + 2 * 4 * 8) + 4 * 1 * 2 * 2 * 4
+    assert parse_shape("8x128") == (8, 128)
+
+
+def test_seed_profile_matches_the_seed_model():
+    shape = PROFILES["bert-large"]
+    plan = profile_plan(shape, heads_removed=155, linear_fraction=0.25)
+    heads = [shape.heads - len(plan.heads[i]) for i in range(shape.layers)]
+    ffn = [shape.intermediate - len(plan.ffn[i]) for i in range(shape.layers)]
+    assert sum(heads) == 384 - 155
+    full = encoder_linear_params(1024, [16] * 24, 64, [4096] * 24)
+    assert encoder_linear_params(1024, heads, 64, ffn) / full == pytest.approx(0.25, abs=1e-3)
+
+
+def test_synth_then_pack_roundtrip(tmp_path, capsys):
+    assert main(["synth", "-q", str(tmp_path / "src"), "--task", "classification"]) == 0
+    assert main(["pack", "-q", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "heads 11/16" in out and "equivalence: max abs logit diff" in out

@@ -1,0 +1,76 @@
+"""The packer on the real fine-tuned models in ../shared/data, with real SQuAD v2 / SST-2 text."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+import packer
+from packer.pack import PackOptions, pack
+from tests.conftest import SHARED_DATA, hf_model, max_diff
+from tests.test_pack import gate_hooks
+
+QA_MODEL = SHARED_DATA / "models" / "minilm-l6-squad2"
+SST_MODEL = SHARED_DATA / "models" / "minilm-l6-sst2"
+pytestmark = pytest.mark.skipif(
+    not QA_MODEL.is_dir(),
+    reason=f"real models not present at {SHARED_DATA}/models (see shared/data/SOURCES.md)",
+)
+
+
+def weakest_gates(layers: int, heads: int, ffn: int, seed: int) -> dict:
+    """A deterministic gate pattern: 5 of 12 heads and 70% of FFN dims off in every other layer."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = {"heads": {}, "ffn": {}}
+    for layer in range(0, layers, 2):
+        head_gates = [1] * heads
+        for h in torch.randperm(heads, generator=gen)[:5].tolist():
+            head_gates[h] = 0
+        ffn_gates = (torch.rand(ffn, generator=gen) > 0.7).long().tolist()
+        masks["heads"][str(layer)] = head_gates
+        masks["ffn"][str(layer)] = ffn_gates
+    return masks
+
+
+def squad_heldout_pairs(n: int) -> list[tuple[str, str]]:
+    data = json.loads((SHARED_DATA / "squad_v2" / "dev-v2.0.json").read_text())
+    held_out = set(json.loads((QA_MODEL / "training.json").read_text())["held_out_v2_dev_articles"])
+    pairs = []
+    for article in data["data"]:
+        if article["title"] in held_out:
+            for paragraph in article["paragraphs"]:
+                pairs.append((paragraph["qas"][0]["question"], paragraph["context"]))
+    return pairs[:n]
+
+
+def test_gated_real_qa_model_packs_exactly(tmp_path):
+    masks = weakest_gates(6, 12, 1536, seed=0)
+    (tmp_path / "masks.json").write_text(json.dumps(masks))
+    manifest = pack(
+        str(QA_MODEL), tmp_path / "qa", PackOptions(masks=str(tmp_path / "masks.json"), progress=False)
+    )
+    assert manifest["structure"]["heads_after"] == 72 - 15
+    loaded = packer.load(tmp_path / "qa")
+    reference = hf_model(QA_MODEL)
+    gate_hooks(reference, masks, head_dim=32)
+    questions, contexts = zip(*squad_heldout_pairs(8), strict=True)
+    enc = loaded.tokenizer(
+        list(questions),
+        list(contexts),
+        truncation="only_second",
+        max_length=384,
+        padding=True,
+        return_tensors="pt",
+    )
+    assert max_diff(reference, loaded.model, [dict(enc)]) < 1e-4
+
+
+def test_real_classifier_packs_exactly(tmp_path):
+    pack(str(SST_MODEL), tmp_path / "sst2", PackOptions(progress=False))
+    loaded = packer.load(tmp_path / "sst2")
+    assert loaded.config.id2label == {0: "negative", 1: "positive"}
+    with open(SHARED_DATA / "sst2" / "dev.tsv") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))[600:632]  # the held-out rows
+    enc = loaded.tokenizer([r["sentence"] for r in rows], padding=True, return_tensors="pt")
+    assert max_diff(hf_model(SST_MODEL), loaded.model, [dict(enc)]) < 1e-4
