@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -169,3 +170,23 @@ def test_existing_output_needs_force(bert_qa_src, tmp_path):
     pack(str(bert_qa_src), out, PackOptions(progress=False, force=True))
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_sharded_safetensors_checkpoint(bert_qa_src, tmp_path):
+    src = tmp_path / "sharded"
+    shutil.copytree(bert_qa_src, src)
+    state = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    weight_map = {}
+    for name, names in shards.items():
+        save_file({k: state[k] for k in names}, str(src / name))
+        weight_map.update(dict.fromkeys(names, name))
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    manifest = pack(str(src), tmp_path / "out", PackOptions(progress=False))
+    assert [w["file"] for w in manifest["source"]["weights"]] == list(shards)
+    loaded = packer.load(tmp_path / "out")
+    assert loaded.config.num_heads == EXPECTED_HEADS
+    batches = sample_inputs(loaded.tokenizer, loaded.config.task, loaded.config.vocab_size, 0)
+    assert max_diff(hf_model(bert_qa_src), loaded.model, batches) < 1e-5
