@@ -52,6 +52,11 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        for file in tmp.rglob("*"):
+            file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
@@ -123,10 +128,10 @@ def read_packed_config(path: Path) -> PackedConfig:
 
 def load_weights(model: torch.nn.Module, file: Path) -> None:
     """Load safetensors into `model`, naming any missing, unexpected or mis-shaped tensor."""
-    from safetensors.torch import load_file
+    from packer import sparse
 
     try:
-        tensors = load_file(str(file))
+        tensors = sparse.load(file)
     except Exception as exc:
         raise ArtifactError(f"{file}: cannot be read as safetensors ({exc})") from exc
     expected = model.state_dict()

@@ -34,6 +34,13 @@ def cmd_pack(args) -> int:
             tolerance=args.tolerance,
             force=args.force,
             progress=not args.quiet,
+            onnx=args.onnx,
+            int8=args.int8,
+            fp16=args.fp16,
+            per_channel=not args.no_per_channel,
+            calibration=args.calibration,
+            check_data=args.check_data,
+            sparse_storage=args.sparse_storage,
         ),
     )
     s, eq, p = manifest["structure"], manifest["equivalence"], manifest["params"]
@@ -45,6 +52,23 @@ def cmd_pack(args) -> int:
         f"  equivalence: max abs logit diff {eq['max_abs_diff']:.2e} (tolerance {eq['tolerance']:g})\n"
         f"  took {manifest['timings']['total_s']:.1f} s"
     )
+    for name, entry in manifest["variants"].items():
+        line = f"  variant {name}: {entry['file']}"
+        if "fusion" in entry:
+            f = entry["fusion"]
+            line += f", attention fused {f['attention_nodes']}/{f['expected_attention_nodes']}"
+        if "equivalence" in entry:
+            line += f", max abs diff vs torch {entry['equivalence']['max_abs_diff']:.2e}"
+        if "agreement_with_fp32" in entry:
+            a = entry["agreement_with_fp32"]
+            line += f", argmax agreement {a['argmax_agreement']:.1%}, correlation {a['correlation']:.4f}"
+        print(line)
+    storage = manifest["storage"]
+    if storage["sparse_tensors"]:
+        print(
+            f"  sparse storage: {storage['sparse_tensors']} matrices as CSR, "
+            f"{storage['dense_bytes'] / storage['stored_bytes']:.1f}x smaller than dense"
+        )
     return 0
 
 
@@ -125,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (1e-4)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (fp32, fused by ONNX Runtime)")
+    p.add_argument(
+        "--int8", nargs="?", const="dynamic", choices=["dynamic", "static"], help="also write model.int8.onnx"
+    )
+    p.add_argument(
+        "--no-per-channel", action="store_true", help="per-tensor instead of per-channel int8 weights"
+    )
+    p.add_argument(
+        "--calibration", metavar="FILE", help="real text for --int8 static (SQuAD JSON, TSV, lines)"
+    )
+    p.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx for GPUs")
+    p.add_argument("--check-data", metavar="FILE", help="real text on which int8/fp16 agreement is measured")
+    p.add_argument("--sparse-storage", action="store_true", help="store sparse matrices compressed (CSR)")
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("inspect", parents=[common], help="per-layer structure of a checkpoint or an artifact")

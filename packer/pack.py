@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from packer import __version__
+from packer import __version__, sparse
 from packer.artifact import WEIGHTS, atomic_directory, build_model, write_manifest
 from packer.checkpoint import Source, has_tokenizer, read_source
 from packer.errors import CheckpointError, VerificationError
@@ -20,7 +20,9 @@ from packer.masks import Masks, apply_masks, read_masks
 from packer.modeling import count_parameters
 from packer.resize import packed_config, resize
 from packer.structure import LayerStructure, analyze, summarize
-from packer.verify import check_equivalence, reference_model
+from packer.textdata import encode, read_examples
+from packer.variants import VariantOptions, build_variants
+from packer.verify import check_equivalence, random_batches, reference_model, text_batches
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,13 @@ class PackOptions:
     force: bool = False
     seed: int = 0
     progress: bool = True
+    onnx: bool = False
+    int8: str | None = None  # dynamic | static (implies onnx)
+    fp16: bool = False  # implies onnx
+    per_channel: bool = True
+    calibration: str | None = None  # real text for static int8
+    check_data: str | None = None  # real text for variant agreement (SQuAD JSON, TSV, lines)
+    sparse_storage: bool = False
 
 
 @dataclass
@@ -155,21 +164,45 @@ def pack(src: str, out: str | Path, options: PackOptions | None = None) -> dict:
         "environment": {"torch": torch.__version__, "python": platform.python_version()},
     }
 
-    with atomic_directory(Path(out), force=options.force) as tmp:
-        from safetensors.torch import save_file
+    variant_options = VariantOptions(
+        onnx=options.onnx or bool(options.int8) or options.fp16,
+        int8=options.int8,
+        fp16=options.fp16,
+        per_channel=options.per_channel,
+        tolerance=options.tolerance,
+    )
+    calibration = read_examples(options.calibration, source.task, limit=128) if options.calibration else []
+    variant_options.validate(calibration)
 
+    with atomic_directory(Path(out), force=options.force) as tmp:
         hf_config = dict(source.config)
         hf_config["prune_serve"] = config.section()
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        manifest["storage"] = sparse.save(weights, tmp / WEIGHTS, sparse=options.sparse_storage)
         tokenizer.save_pretrained(str(tmp))
         t4 = time.perf_counter()
+        if variant_options.any:
+            text = text_batches(tokenizer, source)
+            if options.check_data:
+                text += encode(tokenizer, read_examples(options.check_data, source.task), source.task)
+            manifest["variants"].update(
+                build_variants(
+                    model,
+                    tmp,
+                    variant_options,
+                    exact_batches=random_batches(source, options.seed),
+                    text_batches=text,
+                    calibration_batches=encode(tokenizer, calibration, source.task),
+                )
+            )
+        t5 = time.perf_counter()
         manifest["timings"] = {
             "read_and_analyze_s": round(prepared.seconds, 3),
             "resize_s": round(t2 - t1, 3),
             "verify_s": round(t3 - t2, 3),
             "write_s": round(t4 - t3, 3),
-            "total_s": round(t4 - t0, 3),
+            "variants_s": round(t5 - t4, 3),
+            "total_s": round(t5 - t0, 3),
         }
         manifest = write_manifest(tmp, manifest)
     return manifest

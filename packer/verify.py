@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -140,3 +141,45 @@ def check_equivalence(
         tolerance=tolerance,
         passed=worst <= tolerance,
     )
+
+
+@dataclass
+class Agreement:
+    """A lower-precision variant against fp32: where it matters (argmax) and overall (correlation)."""
+
+    argmax_agreement: float
+    correlation: float
+    max_abs_diff: float
+    examples: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def agreement(
+    reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]], masks: list[np.ndarray]
+) -> Agreement:
+    """Per batch, per output (start/end or logits): compare over attended positions only."""
+    agree = total = 0
+    ref_values, cand_values = [], []
+    worst = 0.0
+    for ref_outs, cand_outs, mask in zip(reference, candidate, masks, strict=True):
+        for ref, cand in zip(ref_outs, cand_outs, strict=True):
+            ref, cand = ref.astype(np.float64), cand.astype(np.float64)
+            if ref.ndim == 2 and ref.shape == mask.shape:  # token logits: ignore padding
+                ref = np.where(mask > 0, ref, -np.inf)
+                cand = np.where(mask > 0, cand, -np.inf)
+                valid = mask > 0
+                ref_values.append(ref[valid])
+                cand_values.append(cand[valid])
+                worst = max(worst, float(np.abs(ref[valid] - cand[valid]).max()))
+            else:
+                ref_values.append(ref.ravel())
+                cand_values.append(cand.ravel())
+                worst = max(worst, float(np.abs(ref - cand).max()))
+            agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+            total += ref.shape[0]
+    a, b = np.concatenate(ref_values), np.concatenate(cand_values)
+    corr = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float(np.allclose(a, b))
+    examples = sum(m.shape[0] for m in masks)
+    return Agreement(round(agree / max(total, 1), 6), round(corr, 6), worst, examples)

@@ -1,0 +1,209 @@
+"""ONNX variants of a packed model: fp32 (fused by ONNX Runtime's transformer optimizer), int8, fp16.
+
+The packed attention reshapes with its explicit per-layer head count and runs the eager
+MatMul/Softmax pattern, so the optimizer, told to detect heads per layer (num_heads=0), fuses
+every layer that has heads. A global head count must never be passed: layers differ.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from packer.arch import QA
+from packer.errors import ArtifactError, PackerError
+from packer.modeling import PackedConfig, PackedModel
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+
+
+@contextmanager
+def quiet_onnxruntime_tools() -> Iterator[None]:
+    """ORT's optimizer and quantizer log per-layer warnings that are expected for pruned layers."""
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def input_names(config: PackedConfig) -> list[str]:
+    names = ["input_ids", "attention_mask"]
+    if config.type_vocab_size > 1:
+        names.append("token_type_ids")
+    return names
+
+
+def output_names(config: PackedConfig) -> list[str]:
+    return ["start_logits", "end_logits"] if config.task == QA else ["logits"]
+
+
+class _Exportable(torch.nn.Module):
+    """Plain tensors in and out, in the artifact's input and output order."""
+
+    def __init__(self, model: PackedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        out = self.model(input_ids, attention_mask, token_type_ids)
+        if self.model.config.task == QA:
+            return out.start_logits, out.end_logits
+        return (out.logits,)
+
+
+def export(model: PackedModel, path: Path) -> None:
+    config = model.config
+    names = input_names(config)
+    model.set_attention_implementation("eager")
+    try:
+        example = torch.tensor([[2, 7, 8, 9, 3, 10, 11, 3]]).clamp(max=config.vocab_size - 1).repeat(2, 1)
+        example = torch.where(example == config.pad_token_id, torch.ones_like(example) * 3, example)
+        args = [example, torch.ones_like(example)]
+        if "token_type_ids" in names:
+            args.append(torch.zeros_like(example))
+        axes = {name: {0: "batch", 1: "sequence"} for name in names + output_names(config)}
+        axes.update({name: {0: "batch"} for name in output_names(config) if name == "logits"})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # The TorchScript exporter keeps the MatMul/Reshape pattern ORT's attention fusion matches.
+            torch.onnx.export(
+                _Exportable(model).eval(),
+                tuple(args),
+                str(path),
+                input_names=names,
+                output_names=output_names(config),
+                dynamic_axes=axes,
+                opset_version=OPSET,
+                dynamo=False,
+            )
+    finally:
+        model.set_attention_implementation("sdpa")
+
+
+@dataclass
+class Fusion:
+    fused: bool
+    attention_nodes: int
+    expected_attention_nodes: int
+    operators: dict[str, int]
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def optimize(raw: Path, out: Path, config: PackedConfig, for_gpu: bool = False, fp16: bool = False) -> Fusion:
+    """Run ORT's transformer optimizer; keep the fused graph only if every layer with heads fused."""
+    from onnxruntime.transformers import optimizer
+
+    expected = sum(1 for h in config.num_heads if h > 0)
+    try:
+        with quiet_onnxruntime_tools():
+            model = optimizer.optimize_model(
+                str(raw), model_type="bert", num_heads=0, hidden_size=0, use_gpu=for_gpu
+            )
+        stats = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
+        attention = stats.get("Attention", 0) + stats.get("MultiHeadAttention", 0)
+    except Exception as exc:  # the optimizer is best effort; the unfused graph is still correct
+        model, stats, attention = None, {}, 0
+        note = f"optimizer failed: {exc}"
+    else:
+        note = "" if attention == expected else f"{attention} of {expected} attention layers fused"
+    fused = model is not None and attention == expected
+    if fused:
+        if fp16:
+            model.convert_float_to_float16(keep_io_types=True)
+        model.save_model_to_file(str(out))
+    else:
+        log.warning("ONNX Runtime attention fusion incomplete (%s): keeping the unfused graph", note)
+        import onnx
+
+        graph = onnx.load(str(raw))
+        if fp16:
+            from onnxruntime.transformers.onnx_model import OnnxModel
+
+            wrapped = OnnxModel(graph)
+            wrapped.convert_float_to_float16(keep_io_types=True)
+            graph = wrapped.model
+        onnx.save(graph, str(out))
+    return Fusion(fused, attention, expected, stats, note)
+
+
+def quantize_int8_dynamic(src: Path, dst: Path, per_channel: bool = True) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with quiet_onnxruntime_tools():
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            per_channel=per_channel,
+            weight_type=QuantType.QInt8,
+            # Needed on graphs the transformer optimizer produced (it leaves some types implicit).
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+
+
+class _CalibrationReader:
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self._feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def quantize_int8_static(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> None:
+    """QDQ static quantization calibrated on real text (activations and weights int8)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not calibration:
+        raise PackerError("static int8 quantization needs calibration text (--calibration FILE)")
+    with quiet_onnxruntime_tools():
+        quantize_static(
+            str(src),
+            str(dst),
+            _CalibrationReader(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "ActivationSymmetric": False},
+        )
+
+
+def feeds(batches: Iterable[dict[str, torch.Tensor]], names: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    for batch in batches:
+        feed = {name: batch[name].numpy().astype(np.int64) for name in names if name in batch}
+        if "token_type_ids" in names and "token_type_ids" not in feed:
+            feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+        yield feed
+
+
+def session(path: Path, threads: int | None = None, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from exc
