@@ -103,22 +103,39 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from packer.evaluate.bench import format_rows, parse_shape, run_bench
-
-    _set_threads(args.threads)
     import torch
 
+    from packer.artifact import read_manifest, read_packed_config
+    from packer.backends.base import default_threads
+    from packer.evaluate.bench import encoder_flops, format_table, parse_shape, run_bench
+
+    shapes = args.shape or ["1x384", "8x128"]
     try:
-        shapes = [parse_shape(s) for s in args.shape or ["1x384", "8x128"]]
+        parsed = [parse_shape(s) for s in shapes]
     except ValueError as exc:
         raise PackerError(str(exc)) from None
-    rows = run_bench(args.src, args.out, shapes, warmup=args.warmup, runs=args.runs, masks=args.masks)
+    manifest = read_manifest(Path(args.out))
+    variants = args.variants.split(",") if args.variants else ["source", *manifest["variants"]]
+    threads = args.threads or default_threads()
+    results = run_bench(args.src, args.out, shapes, variants, threads, args.warmup, args.runs, args.masks)
     print(
-        f"torch {torch.__version__}, fp32 CPU, {torch.get_num_threads()} threads, median of {args.runs} runs"
+        f"torch {torch.__version__}, CPU, {threads} threads, median of {args.runs} runs, "
+        "one process per variant"
     )
-    print(format_rows(rows))
+    print(format_table(results, shapes))
+    config = read_packed_config(Path(args.out))
+    full_heads = [e["heads"]["before"] for e in manifest["layers"]]
+    full_ffn = [e["ffn_dims"]["before"] for e in manifest["layers"]]
+    for shape, (batch, seq) in zip(shapes, parsed, strict=True):
+        ratio = encoder_flops(config.hidden_size, config.head_dim, full_heads, full_ffn, batch, seq) / max(
+            encoder_flops(
+                config.hidden_size, config.head_dim, config.num_heads, config.intermediate_sizes, batch, seq
+            ),
+            1.0,
+        )
+        print(f"FLOP ratio source/packed at {shape}: {ratio:.2f}x (the limit packing alone can reach)")
     if args.json:
-        Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
     return 0
 
 
@@ -180,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, help="compute threads (default: all cores)")
+    p.add_argument(
+        "--variants", help="comma list of source,torch,onnx,onnx-int8,onnx-fp16 (default: all present)"
+    )
     p.add_argument("--masks", help="gates file the artifact was packed with")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.set_defaults(func=cmd_bench)

@@ -85,7 +85,7 @@ class PackedAttention(nn.Module):
         self.output = OutputProjection(self.all_head_size, hidden)
         self.norm = nn.LayerNorm(hidden, eps=eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if not self.num_heads:
             return self.norm(x + self.output(None))
         b, s = x.shape[0], x.shape[1]
@@ -97,7 +97,9 @@ class PackedAttention(nn.Module):
         else:
             # The plain pattern ONNX Runtime's fusion recognises: MatMul, Div, Add mask, Softmax, MatMul.
             scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-            context = torch.matmul(torch.softmax(scores + mask, dim=-1), v)
+            if mask is not None:
+                scores = scores + mask
+            context = torch.matmul(torch.softmax(scores, dim=-1), v)
         context = context.transpose(1, 2).reshape(b, s, self.all_head_size)
         return self.norm(x + self.output(context))
 
@@ -125,7 +127,7 @@ class PackedLayer(nn.Module):
         self.attention = PackedAttention(config.hidden_size, config.num_heads[i], config.head_dim, eps)
         self.ffn = PackedFeedForward(config.hidden_size, config.intermediate_sizes[i], config.hidden_act, eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return self.ffn(self.attention(x, mask))
 
 
@@ -187,6 +189,8 @@ class PackedModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         # Additive mask (batch, 1, 1, seq): 0 where attended, the dtype's minimum where padded.
         mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        if self.layers and self.layers[0].attention.implementation == "sdpa" and bool(attention_mask.all()):
+            mask = None  # lets SDPA take its unmasked kernel; the exported (eager) graph always masks
         for layer in self.layers:
             x = layer(x, mask)
         if self.config.task == QA:

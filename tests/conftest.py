@@ -88,6 +88,15 @@ def roberta_cls_packed(workdir, roberta_cls_src) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def bert_onnx(workdir, bert_qa_src):
+    out = workdir / "bert-qa-onnx"
+    from packer.pack import PackOptions, pack
+
+    pack(str(bert_qa_src), out, PackOptions(progress=False, int8="dynamic", fp16=True))
+    return out
+
+
 def hf_model(src: Path):
     """The source through transformers' own loader: full-size, so from_pretrained works."""
     from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification

@@ -26,13 +26,13 @@ def test_inspect_artifact_json_and_plot(bert_qa_packed, tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
 
 
-def test_bench_prints_side_by_side_ratio(bert_qa_src, bert_qa_packed, tmp_path, capsys):
+def test_bench_prints_side_by_side_ratio(bert_qa_src, bert_onnx, tmp_path, capsys):
     rows_file = tmp_path / "bench.json"
     argv = [
         "bench",
         "-q",
         str(bert_qa_src),
-        str(bert_qa_packed),
+        str(bert_onnx),
         "--shape",
         "2x32",
         "--runs",
@@ -41,16 +41,25 @@ def test_bench_prints_side_by_side_ratio(bert_qa_src, bert_qa_packed, tmp_path, 
         "1",
         "--threads",
         "1",
+        "--variants",
+        "source,torch,onnx-int8",
         "--json",
         str(rows_file),
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "2x32" in out and "speedup" in out
-    (row,) = json.loads(rows_file.read_text())
-    assert row["batch"] == 2 and row["seq"] == 32
-    assert row["speedup"] == pytest.approx(row["source_ms"] / row["packed_ms"])
-    assert row["flop_ratio"] > 1.0
+    lines = {line.split()[0]: line for line in out.splitlines() if line.split()}
+    assert "transformers-cpu-fp32" in lines["source"] and "1.00x" in lines["source"]
+    assert "torch-cpu-fp32" in lines["torch"] and "ort-cpu-int8" in lines["onnx-int8"]
+    assert "FLOP ratio source/packed at 2x32" in out
+    rows = json.loads(rows_file.read_text())
+    assert [r["variant"] for r in rows] == ["source", "torch", "onnx-int8"]
+    assert all(r["ms"]["2x32"] > 0 for r in rows)
+
+
+def test_bench_unknown_variant(bert_qa_src, bert_qa_packed, capsys):
+    assert main(["bench", "-q", str(bert_qa_src), str(bert_qa_packed), "--variants", "source,tensorrt"]) == 2
+    assert "variant 'tensorrt' is not one of" in capsys.readouterr().err
 
 
 def test_bench_rejects_bad_shape(bert_qa_src, bert_qa_packed, capsys):

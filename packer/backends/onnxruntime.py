@@ -28,12 +28,15 @@ class OrtBackend:
         if variant not in DTYPES:
             raise BackendError(f"variant {variant!r} is not an ONNX variant ({', '.join(DTYPES)})")
         cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-        self.device = resolve_device(device, cuda, strict, "onnxruntime")
-        if self.device == "cuda" and variant == "onnx-int8":
+        if variant == "onnx-int8" and device == "auto":
+            device = "cpu"
+        # Refused whatever the machine has: the pairing is wrong, not the hardware.
+        if variant == "onnx-int8" and device == "cuda":
             raise BackendError(
                 "onnx-int8 is dynamically quantized, which ONNX Runtime's CUDA provider does not run; "
                 "serve onnx-fp16 or torch on cuda, or onnx-int8 on cpu"
             )
+        self.device = resolve_device(device, cuda, strict, "onnxruntime")
         self.dtype = DTYPES[variant]
         self.name = f"ort-{self.device}-{self.dtype}"
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else None

@@ -1,30 +1,33 @@
-"""Latency of the source against the packed artifact, side by side in one process and one run."""
+"""Latency of the source against each variant of its artifact, measured side by side in one run.
+
+Each variant is timed in its own process, one after the other: two compute pools in one
+process (torch and ONNX Runtime) compete for the same cores and slow each other down, so no
+measurement ever overlaps another.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
-import torch
+import numpy as np
+
+VARIANTS = ("source", "torch", "onnx", "onnx-int8", "onnx-fp16")
 
 
 @dataclass
-class BenchRow:
-    batch: int
-    seq: int
-    source_ms: float
-    packed_ms: float
-    speedup: float
-    flop_ratio: float
-
-    @property
-    def flop_efficiency(self) -> float:
-        """How much of the FLOP ratio (the limit packing can reach) the measured speedup gets."""
-        return self.speedup / self.flop_ratio
+class VariantTiming:
+    variant: str
+    backend: str
+    ms: dict[str, float] = field(default_factory=dict)  # "BxS" -> median ms
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"flop_efficiency": self.flop_efficiency}
+        return asdict(self)
 
 
 def encoder_flops(
@@ -49,72 +52,127 @@ def parse_shape(text: str) -> tuple[int, int]:
     return batch, seq
 
 
-def make_inputs(vocab: int, pad: int, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+def make_inputs(vocab: int, pad: int, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (batch, seq), dtype=np.int64)
     ids[ids == pad] = (pad + 1) % vocab
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
-@torch.inference_mode()
-def time_pair(source, packed, inputs, warmup: int, runs: int) -> tuple[float, float]:
-    """Median ms of each model; runs alternate so that drift hits both alike."""
+def median_ms(run, inputs: dict, warmup: int, runs: int) -> float:
     for _ in range(warmup):
-        source(**inputs)
-        packed(**inputs)
-    times: dict[str, list[float]] = {"source": [], "packed": []}
+        run(**inputs)
+    times = []
     for _ in range(runs):
-        for name, model in (("source", source), ("packed", packed)):
-            start = time.perf_counter()
-            model(**inputs)
-            times[name].append((time.perf_counter() - start) * 1000)
-    return statistics.median(times["source"]), statistics.median(times["packed"])
+        start = time.perf_counter()
+        run(**inputs)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
 
 
-def format_rows(rows: list[BenchRow]) -> str:
-    header = (
-        f"{'shape':>9}  {'source ms':>10}  {'packed ms':>10}  {'speedup':>8}  {'FLOP ratio':>10}  "
-        f"{'% of FLOP ratio':>15}"
-    )
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{f'{r.batch}x{r.seq}':>9}  {r.source_ms:>10.1f}  {r.packed_ms:>10.1f}  {r.speedup:>7.2f}x  "
-            f"{r.flop_ratio:>9.2f}x  {r.flop_efficiency:>14.0%}"
-        )
-    return "\n".join(lines)
+def _source_runner(src: str, task: str, masks: str | None, threads: int):
+    import torch
+
+    from packer.pack import PackOptions, prepare
+    from packer.verify import reference_model
+
+    torch.set_num_threads(threads)
+    prepared = prepare(src, PackOptions(masks=masks, task=task, progress=False))
+    model = reference_model(prepared.source, attn_implementation="sdpa")
+
+    @torch.inference_mode()
+    def run(input_ids, attention_mask):
+        return model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask))
+
+    return run, "transformers-cpu-fp32"
+
+
+def worker(argv: list[str]) -> None:
+    """One variant, timed alone in this process; prints one JSON line."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--src")
+    p.add_argument("--artifact", required=True)
+    p.add_argument("--variant", required=True)
+    p.add_argument("--shape", action="append", required=True)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--masks")
+    args = p.parse_args(argv)
+
+    from packer.artifact import read_packed_config
+
+    config = read_packed_config(args.artifact)
+    if args.variant == "source":
+        run, backend = _source_runner(args.src, config.task, args.masks, args.threads)
+    else:
+        from packer.backends import open_backend
+
+        opened = open_backend(args.artifact, args.variant, device="cpu", threads=args.threads)
+        run, backend = opened.run, opened.name
+    timing = VariantTiming(args.variant, backend)
+    for text in args.shape:
+        batch, seq = parse_shape(text)
+        inputs = make_inputs(config.vocab_size, config.pad_token_id, batch, seq)
+        timing.ms[text] = median_ms(run, inputs, args.warmup, args.runs)
+    print(json.dumps(timing.to_dict()))
 
 
 def run_bench(
     src: str,
     artifact: str,
-    shapes: list[tuple[int, int]],
+    shapes: list[str],
+    variants: list[str],
+    threads: int,
     warmup: int = 3,
     runs: int = 10,
     masks: str | None = None,
-    seed: int = 0,
-) -> list[BenchRow]:
-    """The source as users run it today (transformers, default attention) against the artifact."""
-    from packer.artifact import load
-    from packer.pack import PackOptions, prepare
-    from packer.verify import reference_model
+) -> list[VariantTiming]:
+    from packer.errors import PackerError
 
-    loaded = load(artifact)
-    prepared = prepare(src, PackOptions(masks=masks, task=loaded.config.task, progress=False))
-    source = reference_model(prepared.source, attn_implementation="sdpa")
-    c = loaded.config
-    full_heads = [ls.num_heads for ls in prepared.layers]
-    full_ffn = [ls.intermediate_size for ls in prepared.layers]
-    rows = []
-    for batch, seq in shapes:
-        if seq > c.max_position_embeddings - (c.pad_token_id + 1 if c.arch == "roberta" else 0):
-            raise ValueError(
-                f"sequence {seq} is longer than the model's {c.max_position_embeddings} positions"
-            )
-        inputs = make_inputs(c.vocab_size, c.pad_token_id, batch, seq, seed)
-        source_ms, packed_ms = time_pair(source, loaded.model, inputs, warmup, runs)
-        flop_ratio = encoder_flops(c.hidden_size, c.head_dim, full_heads, full_ffn, batch, seq) / max(
-            encoder_flops(c.hidden_size, c.head_dim, c.num_heads, c.intermediate_sizes, batch, seq), 1.0
-        )
-        rows.append(BenchRow(batch, seq, source_ms, packed_ms, source_ms / packed_ms, flop_ratio))
-    return rows
+    results = []
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise PackerError(f"variant {variant!r} is not one of {', '.join(VARIANTS)}")
+        cmd = [
+            sys.executable,
+            "-m",
+            "packer.evaluate.bench",
+            "--artifact",
+            str(artifact),
+            "--variant",
+            variant,
+            "--threads",
+            str(threads),
+            "--warmup",
+            str(warmup),
+            "--runs",
+            str(runs),
+        ]
+        cmd += [a for s in shapes for a in ("--shape", s)]
+        cmd += ["--src", str(src)] + (["--masks", masks] if masks else [])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+            raise PackerError(f"benchmarking {variant} failed: {lines[-1] if lines else 'no output'}")
+        results.append(VariantTiming(**json.loads(done.stdout.strip().splitlines()[-1])))
+    return results
+
+
+def format_table(results: list[VariantTiming], shapes: list[str]) -> str:
+    base = next((r for r in results if r.variant == "source"), results[0])
+    header = f"{'variant':<10}  {'backend':<22}" + "".join(
+        f"  {s + ' ms':>11}  {'seq/s':>7}  {'vs ' + base.variant:>10}" for s in shapes
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        cells = ""
+        for s in shapes:
+            batch = parse_shape(s)[0]
+            cells += f"  {r.ms[s]:>11.1f}  {batch * 1000 / r.ms[s]:>7.1f}  {base.ms[s] / r.ms[s]:>9.2f}x"
+        lines.append(f"{r.variant:<10}  {r.backend:<22}{cells}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1:])
