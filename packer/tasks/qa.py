@@ -1,0 +1,160 @@
+"""Extractive QA: split (question, context) into windows, and turn window logits into answers.
+
+Shared by the service and in-process evaluation, so both give the same predictions. SQuAD v2
+conventions: the null score is the [CLS] start+end logit sum (the lowest over windows), the best
+span is the highest start+end logit sum over all windows, and `null_score_diff` = null - best
+span is the `na_prob` that the evaluation thresholds on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+N_BEST = 20
+
+
+class QAInputError(ValueError):
+    """The request cannot be windowed (the message says what to change)."""
+
+
+@dataclass(frozen=True)
+class QAOptions:
+    top_k: int = 1
+    max_answer_len: int = 30  # tokens
+    max_seq_len: int = 384
+    doc_stride: int = 128  # tokens shared by consecutive windows (HF semantics)
+    handle_impossible_answer: bool = True
+    null_threshold: float = 0.0
+
+
+@dataclass
+class Window:
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray | None
+    offsets: list[tuple[int, int] | None]  # char span in the context, None outside the context
+    context_start: int  # first context token
+    context_end: int  # last context token (inclusive)
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class Answer:
+    answer: str
+    score: float
+    start: int
+    end: int
+    logit_sum: float = field(repr=False, default=0.0)
+
+
+@dataclass
+class QAResult:
+    answers: list[Answer]
+    is_impossible: bool
+    null_score_diff: float
+
+
+def make_windows(tokenizer, question: str, context: str, options: QAOptions) -> list[Window]:
+    question_tokens = len(tokenizer(question, add_special_tokens=False)["input_ids"])
+    room = options.max_seq_len - question_tokens - tokenizer.num_special_tokens_to_add(pair=True)
+    if room < 1:
+        raise QAInputError(
+            f"the question is {question_tokens} tokens: with max_seq_len {options.max_seq_len} no room is "
+            "left for the context; shorten the question or raise max_seq_len"
+        )
+    if options.doc_stride >= room:
+        raise QAInputError(
+            f"doc_stride {options.doc_stride} must be smaller than the context room of a window "
+            f"({room} tokens with this question and max_seq_len {options.max_seq_len})"
+        )
+    enc = tokenizer(
+        question,
+        context,
+        truncation="only_second",
+        max_length=options.max_seq_len,
+        stride=options.doc_stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        padding=False,
+    )
+    windows = []
+    for i, ids in enumerate(enc["input_ids"]):
+        sequence_ids = enc.sequence_ids(i)
+        offsets = [
+            tuple(off) if seq == 1 else None
+            for off, seq in zip(enc["offset_mapping"][i], sequence_ids, strict=True)
+        ]
+        context_positions = [j for j, seq in enumerate(sequence_ids) if seq == 1]
+        if not context_positions:
+            continue
+        token_types = enc["token_type_ids"][i] if "token_type_ids" in enc else None
+        windows.append(
+            Window(
+                input_ids=np.asarray(ids, dtype=np.int64),
+                attention_mask=np.ones(len(ids), dtype=np.int64),
+                token_type_ids=None if token_types is None else np.asarray(token_types, dtype=np.int64),
+                offsets=offsets,
+                context_start=context_positions[0],
+                context_end=context_positions[-1],
+            )
+        )
+    if not windows:
+        raise QAInputError("the context is empty after tokenization")
+    return windows
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def answer(
+    context: str, windows: list[Window], logits: list[tuple[np.ndarray, np.ndarray]], options: QAOptions
+) -> QAResult:
+    """Reconcile the windows' start/end logits into top_k answers and the no-answer decision."""
+    candidates: dict[tuple[int, int], Answer] = {}
+    min_null = float("inf")
+    for window, (start_logits, end_logits) in zip(windows, logits, strict=True):
+        n = window.length
+        start_logits, end_logits = start_logits[:n].astype(np.float64), end_logits[:n].astype(np.float64)
+        min_null = min(min_null, float(start_logits[0] + end_logits[0]))
+        # Span probability: softmax over [CLS] and the context tokens of this window.
+        allowed = np.zeros(n, dtype=bool)
+        allowed[0] = True
+        allowed[window.context_start : window.context_end + 1] = True
+        p_start = np.zeros(n)
+        p_end = np.zeros(n)
+        p_start[allowed] = _softmax(start_logits[allowed])
+        p_end[allowed] = _softmax(end_logits[allowed])
+        ctx = np.arange(window.context_start, window.context_end + 1)
+        starts = ctx[np.argsort(-start_logits[ctx])[:N_BEST]]
+        ends = ctx[np.argsort(-end_logits[ctx])[:N_BEST]]
+        for s in starts:
+            for e in ends:
+                if e < s or e - s + 1 > options.max_answer_len:
+                    continue
+                char_start, char_end = window.offsets[s][0], window.offsets[e][1]
+                logit_sum = float(start_logits[s] + end_logits[e])
+                key = (char_start, char_end)
+                if key not in candidates or candidates[key].logit_sum < logit_sum:
+                    candidates[key] = Answer(
+                        answer=context[char_start:char_end],
+                        score=float(p_start[s] * p_end[e]),
+                        start=char_start,
+                        end=char_end,
+                        logit_sum=logit_sum,
+                    )
+    ranked = sorted(candidates.values(), key=lambda a: a.logit_sum, reverse=True)
+    best = ranked[0].logit_sum if ranked else float("-inf")
+    null_score_diff = min_null - best
+    is_impossible = options.handle_impossible_answer and (
+        not ranked or null_score_diff > options.null_threshold
+    )
+    return QAResult(
+        answers=ranked[: options.top_k], is_impossible=bool(is_impossible), null_score_diff=null_score_diff
+    )

@@ -1,0 +1,162 @@
+"""Run one request against a served model: tokenize off the loop, queue windows, await, post-process.
+
+No HTTP here beyond watching for the client going away; the routes in app.py stay thin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from packer.tasks import classify, qa
+from service.batching import Batcher, WorkItem
+from service.errors import DeadlineExceeded, InvalidInput
+from service.metrics import Metrics
+from service.registry import ServedModel
+from service.schemas import (
+    ClassifyItem,
+    ClassifyResultOut,
+    QAAnswer,
+    QAItem,
+    QAResultOut,
+)
+from service.settings import Settings
+
+DISCONNECT_POLL_S = 0.1
+
+
+class ClientGone(Exception):
+    """The client disconnected; its windows were dropped."""
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    metrics: Metrics
+    batcher: Batcher
+    pool: ThreadPoolExecutor  # tokenization and post-processing, off the event loop
+
+    async def off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+
+def check_sizes(settings: Settings, count: int, texts: dict[str, str]) -> None:
+    if count > settings.max_items:
+        raise InvalidInput(f"items: {count} items in one request, at most {settings.max_items}")
+    for field, text in texts.items():
+        if len(text) > settings.max_context_chars:
+            raise InvalidInput(f"{field}: {len(text)} characters, at most {settings.max_context_chars}")
+
+
+async def _await_all(items: list[WorkItem], request: Request | None, deadline: float) -> list[dict]:
+    futures = [asyncio.wrap_future(it.future) for it in items]
+    results = asyncio.ensure_future(asyncio.gather(*futures))
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded("the request did not finish before its deadline")
+            done, _ = await asyncio.wait({results}, timeout=min(remaining, DISCONNECT_POLL_S))
+            if done:
+                return results.result()
+            if request is not None and await request.is_disconnected():
+                raise ClientGone()
+    except BaseException:
+        for it in items:
+            it.future.cancel()  # queued windows are skipped by the worker
+        results.cancel()
+        raise
+
+
+def _qa_options(body) -> qa.QAOptions:
+    return qa.QAOptions(
+        top_k=body.top_k,
+        max_answer_len=body.max_answer_len,
+        max_seq_len=body.max_seq_len,
+        doc_stride=body.doc_stride,
+        handle_impossible_answer=body.handle_impossible_answer,
+        null_threshold=body.null_threshold,
+    )
+
+
+async def run_qa(
+    rt: Runtime, model: ServedModel, items: list[QAItem], body, request: Request | None, deadline: float
+) -> list[QAResultOut]:
+    texts = {f"items[{i}].context": it.context for i, it in enumerate(items)}
+    texts.update({f"items[{i}].question": it.question for i, it in enumerate(items)})
+    check_sizes(rt.settings, len(items), texts)
+    options = _qa_options(body)
+    if options.max_seq_len > model.config.max_position_embeddings - 2:
+        raise InvalidInput(
+            f"max_seq_len: {options.max_seq_len} is more than model {model.name} supports "
+            f"({model.config.max_position_embeddings - 2})"
+        )
+
+    def tokenize():
+        try:
+            return [qa.make_windows(model.tokenizer, it.question, it.context, options) for it in items]
+        except qa.QAInputError as exc:
+            raise InvalidInput(str(exc)) from None
+
+    start = time.perf_counter()
+    windows = await rt.off_loop(tokenize)
+    rt.metrics.tokenize.labels(model.name).observe(time.perf_counter() - start)
+    work = [WorkItem(w.input_ids, w.attention_mask, w.token_type_ids, deadline) for ws in windows for w in ws]
+    rt.batcher.submit(model.name, work)
+    outputs = await _await_all(work, request, deadline)
+
+    def postprocess():
+        results, at = [], 0
+        for it, ws in zip(items, windows, strict=True):
+            logits = [(o["start_logits"], o["end_logits"]) for o in outputs[at : at + len(ws)]]
+            at += len(ws)
+            r = qa.answer(it.context, ws, logits, options)
+            results.append(
+                QAResultOut(
+                    answers=[
+                        QAAnswer(answer=a.answer, score=a.score, start=a.start, end=a.end) for a in r.answers
+                    ],
+                    is_impossible=r.is_impossible,
+                    null_score_diff=r.null_score_diff if math.isfinite(r.null_score_diff) else 0.0,
+                )
+            )
+        return results
+
+    return await rt.off_loop(postprocess)
+
+
+async def run_classify(
+    rt: Runtime,
+    model: ServedModel,
+    items: list[ClassifyItem],
+    max_seq_len: int,
+    all_scores: bool,
+    request: Request | None,
+    deadline: float,
+) -> list[ClassifyResultOut]:
+    texts = {f"items[{i}].text": it.text for i, it in enumerate(items)}
+    texts.update({f"items[{i}].text_pair": it.text_pair for i, it in enumerate(items) if it.text_pair})
+    check_sizes(rt.settings, len(items), texts)
+    max_seq_len = min(max_seq_len, model.config.max_position_embeddings - 2)
+
+    def tokenize():
+        return [classify.encode(model.tokenizer, it.text, it.text_pair, max_seq_len) for it in items]
+
+    start = time.perf_counter()
+    encoded = await rt.off_loop(tokenize)
+    rt.metrics.tokenize.labels(model.name).observe(time.perf_counter() - start)
+    work = [WorkItem(e.input_ids, e.attention_mask, e.token_type_ids, deadline) for e in encoded]
+    rt.batcher.submit(model.name, work)
+    outputs = await _await_all(work, request, deadline)
+    results = []
+    for out in outputs:
+        c = classify.classify(out["logits"], model.config.id2label)
+        results.append(
+            ClassifyResultOut(label=c.label, score=c.score, scores=c.scores if all_scores else None)
+        )
+    return results

@@ -1,0 +1,152 @@
+"""Artifacts on disk -> served models: name, task, variant, backend, tokenizer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from packer.arch import QA
+from packer.artifact import VARIANT_FILES, load_tokenizer, read_manifest, read_packed_config
+from packer.backends import Backend, open_backend
+from packer.errors import PackerError
+from packer.modeling import PackedConfig
+from packer.samples import QA_PAIRS, SENTENCES
+from packer.tasks import classify, qa
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CPU_PREFERENCE = ("onnx-int8", "onnx", "torch")
+CUDA_PREFERENCE = ("onnx-fp16", "torch")
+
+
+class RegistryError(Exception):
+    """The models directory cannot be served (the message says how to fix it)."""
+
+
+@dataclass
+class ServedModel:
+    name: str
+    path: Path
+    task: str
+    variant: str
+    backend: Backend
+    tokenizer: object
+    config: PackedConfig
+    params: int
+
+    @property
+    def pad_id(self) -> int:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return self.config.pad_token_id if pad is None else int(pad)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "task": self.task,
+            "variant": self.variant,
+            "backend": self.backend.name,
+            "device": self.backend.device,
+            "dtype": self.backend.dtype,
+            "params": self.params,
+            "labels": [self.config.id2label[i] for i in sorted(self.config.id2label)]
+            if self.task != QA
+            else None,
+        }
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return True
+    except ImportError:
+        pass
+    try:
+        import onnxruntime
+
+        return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    except ImportError:
+        return False
+
+
+def choose_variant(requested: str, present: list[str], on_cuda: bool) -> str:
+    if requested != "auto":
+        if requested not in present:
+            raise RegistryError(f"variant {requested} is not packed (present: {', '.join(present)})")
+        return requested
+    for variant in CUDA_PREFERENCE if on_cuda else CPU_PREFERENCE:
+        if variant in present:
+            return variant
+    raise RegistryError(
+        f"no variant usable on {'cuda' if on_cuda else 'cpu'} (present: {', '.join(present)})"
+    )
+
+
+def discover(models_dir: Path) -> list[Path]:
+    if not models_dir.is_dir():
+        raise RegistryError(
+            f"models directory {models_dir} does not exist; pack a model into it with "
+            f"`prune-pack pack SRC {models_dir}/NAME` or set PRUNE_SERVE_MODELS_DIR"
+        )
+    found = sorted(p for p in models_dir.iterdir() if p.is_dir() and (p / "pack.json").is_file())
+    if not found:
+        raise RegistryError(
+            f"no packed models under {models_dir}: pack one with `prune-pack pack SRC {models_dir}/NAME` "
+            "(SRC: a checkpoint directory or hub id), or set PRUNE_SERVE_MODELS_DIR"
+        )
+    return found
+
+
+def warm_up(model: ServedModel) -> None:
+    """Run real text through every path once (first runs allocate and pick kernels)."""
+    if model.task == QA:
+        windows = [w for q, c in QA_PAIRS[:4] for w in qa.make_windows(model.tokenizer, q, c, qa.QAOptions())]
+    else:
+        windows = [classify.encode(model.tokenizer, s, None, 128) for s in SENTENCES[:4]]
+    longest = max(w.length for w in windows)
+    ids = np.full((len(windows), longest), model.pad_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    types = np.zeros_like(ids) if windows[0].token_type_ids is not None else None
+    for row, w in enumerate(windows):
+        ids[row, : w.length] = w.input_ids
+        mask[row, : w.length] = 1
+        if types is not None:
+            types[row, : w.length] = w.token_type_ids
+    for _ in range(2):
+        model.backend.run(ids, mask, types)
+
+
+def load_model(path: Path, settings: Settings, on_cuda: bool) -> ServedModel:
+    try:
+        manifest = read_manifest(path)
+        present = [v for v, f in VARIANT_FILES.items() if f in (manifest.get("files") or {})]
+        variant = choose_variant(settings.variant_for(path.name), present, on_cuda)
+        config = read_packed_config(path)
+        backend = open_backend(
+            path, variant, device=settings.device, strict=settings.strict_device, threads=settings.threads
+        )
+        model = ServedModel(
+            name=path.name,
+            path=path,
+            task=config.task,
+            variant=variant,
+            backend=backend,
+            tokenizer=load_tokenizer(path),
+            config=config,
+            params=int(manifest.get("params", {}).get("after", 0)),
+        )
+        warm_up(model)
+    except (PackerError, RegistryError) as exc:
+        raise RegistryError(f"model {path.name} ({path}): {exc}") from exc
+    log.info("serving %s: %s, %s variant on %s", model.name, model.task, variant, backend.name)
+    return model
+
+
+def load_models(settings: Settings) -> dict[str, ServedModel]:
+    on_cuda = settings.device in ("auto", "cuda") and cuda_available()
+    return {p.name: load_model(p, settings, on_cuda) for p in discover(settings.models_dir)}

@@ -1,0 +1,62 @@
+"""Every setting of the service, in one object (environment variables PRUNE_SERVE_*)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PRUNE_SERVE_", extra="ignore")
+
+    models_dir: Path = Field(Path("models"), description="artifacts, one directory per model (its name)")
+    variant: str = Field("auto", description="auto | torch | onnx | onnx-int8 | onnx-fp16")
+    model_variants: str = Field("", description="per-model override: 'name=variant,name2=variant'")
+    device: str = Field("auto", description="auto | cpu | cuda")
+    strict_device: bool = Field(False, description="fail instead of falling back to cpu when cuda is missing")
+    threads: int | None = Field(None, ge=1, description="compute threads of the one inference worker")
+
+    max_batch_size: int = Field(32, ge=1, description="windows per batch")
+    max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per batch (batch x longest window)")
+    max_wait_ms: float = Field(2.0, ge=0, description="wait for more windows, only when the queue is light")
+    queue_size: int = Field(2048, ge=1, description="windows waiting, per model; beyond it requests get 429")
+    length_grouping: bool = Field(True, description="batch windows of similar length together")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request; past it, 504")
+
+    max_items: int = Field(64, ge=1, description="questions or texts per request")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="request bodies larger than this get 413")
+    max_context_chars: int = Field(100_000, ge=1, description="characters per context or text")
+
+    api_key: SecretStr | None = Field(
+        None, description="when set, every route but /health and /ready needs it"
+    )
+    metrics_require_key: bool = Field(False, description="also protect /metrics with the API key")
+    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
+    log_payloads: bool = Field(False, description="log request bodies (off: logs hold no user text)")
+    graceful_shutdown_s: float = Field(
+        30.0, ge=0, description="how long SIGTERM waits for in-flight requests"
+    )
+
+    @field_validator("variant")
+    @classmethod
+    def _variant(cls, value: str) -> str:
+        allowed = {"auto", "torch", "onnx", "onnx-int8", "onnx-fp16"}
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(sorted(allowed))}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda"):
+            raise ValueError("must be auto, cpu or cuda")
+        return value
+
+    def variant_for(self, name: str) -> str:
+        for pair in filter(None, (p.strip() for p in self.model_variants.split(","))):
+            model, _, variant = pair.partition("=")
+            if model.strip() == name:
+                return variant.strip()
+        return self.variant
