@@ -142,7 +142,7 @@ def cmd_bench(args) -> int:
 def cmd_synth(args) -> int:
     from packer.synthetic import build_profile
 
-    out = build_profile(args.out, args.profile, task=args.task, seed=args.seed)
+    out = build_profile(args.out, args.profile, task=args.task, seed=args.seed, tokenizer_from=args.tokenizer)
     print(f"wrote a random {args.profile} checkpoint to {out}")
     return 0
 
@@ -212,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="tiny", choices=["tiny", "bert-base-40h-70f", "bert-large-seed"])
     p.add_argument("--task", default="qa", choices=["qa", "classification"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="copy this real tokenizer (directory or hub id) instead of a toy one")
     p.set_defaults(func=cmd_synth)
     return parser
 

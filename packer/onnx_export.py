@@ -194,7 +194,9 @@ def feeds(batches: Iterable[dict[str, torch.Tensor]], names: list[str]) -> Itera
         yield feed
 
 
-def session(path: Path, threads: int | None = None, providers: list[str] | None = None):
+def session(
+    path: Path, threads: int | None = None, providers: list[str] | None = None, spinning: bool = True
+):
     import onnxruntime as ort
 
     if not path.is_file():
@@ -203,6 +205,8 @@ def session(path: Path, threads: int | None = None, providers: list[str] | None 
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if not spinning:  # idle compute threads yield the cores (to tokenization and HTTP) instead of spinning
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:

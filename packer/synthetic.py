@@ -206,13 +206,21 @@ def build_checkpoint(
     seed: int = 0,
     num_labels: int = 2,
     weights_format: str = "safetensors",
+    tokenizer_from: str | None = None,
 ) -> Path:
     """Write a random pruned checkpoint directory (config.json, weights, tokenizer)."""
     out = Path(out)
     task = TASK_ALIASES[task]
     shape = shape or PROFILES["tiny"]
-    writer = write_bert_tokenizer if arch == "bert" else write_roberta_tokenizer
-    vocab_size = writer(out, shape.vocab_size)
+    if tokenizer_from:  # a real tokenizer, so that text tokenizes as it would for a real model
+        from transformers import AutoTokenizer
+
+        real = AutoTokenizer.from_pretrained(tokenizer_from)
+        real.save_pretrained(str(out))
+        vocab_size = len(real)
+    else:
+        writer = write_bert_tokenizer if arch == "bert" else write_roberta_tokenizer
+        vocab_size = writer(out, shape.vocab_size)
     config = make_config(arch, task, shape, max(vocab_size, shape.vocab_size), num_labels)
     state = random_state_dict(config, arch, task, seed)
     apply_plan(state, config, arch, plan or PrunePlan(), seed)
@@ -264,10 +272,12 @@ SEED_PROFILES = {
 }
 
 
-def build_profile(out: str | Path, profile: str, task: str = QA, seed: int = 0) -> Path:
+def build_profile(
+    out: str | Path, profile: str, task: str = QA, seed: int = 0, tokenizer_from: str | None = None
+) -> Path:
     if profile == "tiny":
         plan = profile_plan(PROFILES["tiny"], heads_removed=5, linear_fraction=0.5, seed=seed)
-        return build_checkpoint(out, task=task, plan=plan, seed=seed)
+        return build_checkpoint(out, task=task, plan=plan, seed=seed, tokenizer_from=tokenizer_from)
     if profile not in SEED_PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose from tiny, {', '.join(SEED_PROFILES)}")
     shape_name, heads_removed, fraction = SEED_PROFILES[profile]
@@ -279,4 +289,4 @@ def build_profile(out: str | Path, profile: str, task: str = QA, seed: int = 0) 
             L * (4 * h * h + 2 * h * inter)
         )
     plan = profile_plan(shape, heads_removed, fraction, seed)
-    return build_checkpoint(out, task=task, shape=shape, plan=plan, seed=seed)
+    return build_checkpoint(out, task=task, shape=shape, plan=plan, seed=seed, tokenizer_from=tokenizer_from)

@@ -185,16 +185,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         models = load_models(settings)
-        limits = BatchLimits(
-            max_batch_size=settings.max_batch_size,
-            max_batch_tokens=settings.max_batch_tokens,
-            max_wait_ms=settings.max_wait_ms,
-            queue_size=settings.queue_size,
-            length_grouping=settings.length_grouping,
-        )
-        batcher = Batcher(limits, metrics)
+        batcher = Batcher(metrics)
         for model in models.values():
-            batcher.register(model.name, model.backend.run, model.pad_id)
+            limits = BatchLimits(
+                max_batch_size=settings.max_batch_size,
+                max_batch_tokens=settings.batch_tokens_for(model.backend.device),
+                max_wait_ms=settings.max_wait_ms,
+                queue_size=settings.queue_size,
+                length_grouping=settings.length_grouping,
+            )
+            batcher.register(model.name, model.backend.run, model.pad_id, limits)
             metrics.model_info.labels(model.name, model.variant, model.backend.name, str(model.params)).set(1)
             metrics.queue_depth.labels(model.name).set(0)
         batcher.start()

@@ -91,25 +91,25 @@ def select(queue: deque[WorkItem], limits: BatchLimits) -> list[WorkItem]:
 
 
 class _ModelQueue:
-    def __init__(self, name: str, runner: Runner, pad_id: int):
+    def __init__(self, name: str, runner: Runner, pad_id: int, limits: BatchLimits):
         self.name = name
         self.runner = runner
         self.pad_id = pad_id
+        self.limits = limits
         self.items: deque[WorkItem] = deque()
 
 
 class Batcher:
-    def __init__(self, limits: BatchLimits, metrics: Metrics):
-        self.limits = limits
+    def __init__(self, metrics: Metrics):
         self.metrics = metrics
         self._queues: dict[str, _ModelQueue] = {}
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="inference-worker", daemon=True)
 
-    def register(self, name: str, runner: Runner, pad_id: int) -> None:
+    def register(self, name: str, runner: Runner, pad_id: int, limits: BatchLimits) -> None:
         with self._cond:
-            self._queues[name] = _ModelQueue(name, runner, pad_id)
+            self._queues[name] = _ModelQueue(name, runner, pad_id, limits)
 
     def start(self) -> None:
         self._thread.start()
@@ -124,9 +124,9 @@ class Batcher:
             queue = self._queues[name]
             if self._stopping:
                 raise QueueFull("the server is shutting down", {"Retry-After": "1"})
-            if len(queue.items) + len(items) > self.limits.queue_size:
+            if len(queue.items) + len(items) > queue.limits.queue_size:
                 raise QueueFull(
-                    f"model {name} has {len(queue.items)} windows queued (limit {self.limits.queue_size}); "
+                    f"model {name} has {len(queue.items)} windows queued (limit {queue.limits.queue_size}); "
                     "retry later",
                     {"Retry-After": "1"},
                 )
@@ -154,12 +154,14 @@ class Batcher:
                     self._cond.wait()
                     continue
                 queue = min(waiting, key=lambda q: q.items[0].enqueued)
+                limits = queue.limits
                 waited_ms = (time.monotonic() - queue.items[0].enqueued) * 1000
-                light = len(queue.items) < self.limits.max_batch_size
-                if light and waited_ms < self.limits.max_wait_ms and not self._stopping:
-                    self._cond.wait((self.limits.max_wait_ms - waited_ms) / 1000)
+                queued_tokens = sum(it.length for it in queue.items)
+                light = len(queue.items) < limits.max_batch_size and queued_tokens < limits.max_batch_tokens
+                if light and waited_ms < limits.max_wait_ms and not self._stopping:
+                    self._cond.wait((limits.max_wait_ms - waited_ms) / 1000)
                     continue
-                batch = select(queue.items, self.limits)
+                batch = select(queue.items, limits)
                 chosen = {id(it) for it in batch}
                 queue.items = deque(it for it in queue.items if id(it) not in chosen)
                 self.metrics.queue_depth.labels(queue.name).set(len(queue.items))

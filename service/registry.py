@@ -128,7 +128,12 @@ def load_model(path: Path, settings: Settings, on_cuda: bool) -> ServedModel:
         variant = choose_variant(settings.variant_for(path.name), present, on_cuda)
         config = read_packed_config(path)
         backend = open_backend(
-            path, variant, device=settings.device, strict=settings.strict_device, threads=settings.threads
+            path,
+            variant,
+            device=settings.device,
+            strict=settings.strict_device,
+            threads=settings.threads,
+            spinning=settings.ort_spinning,
         )
         model = ServedModel(
             name=path.name,

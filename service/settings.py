@@ -17,9 +17,17 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda")
     strict_device: bool = Field(False, description="fail instead of falling back to cpu when cuda is missing")
     threads: int | None = Field(None, ge=1, description="compute threads of the one inference worker")
+    ort_spinning: bool = Field(
+        True, description="let ONNX Runtime's idle threads spin (faster alone, slower beside tokenization)"
+    )
 
     max_batch_size: int = Field(32, ge=1, description="windows per batch")
-    max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per batch (batch x longest window)")
+    max_batch_tokens: int = Field(
+        0,
+        ge=0,
+        description="padded tokens per batch (batch x longest window); 0: 1024 on CPU, where batching "
+        "long windows gains nothing and padding costs, 16384 on CUDA",
+    )
     max_wait_ms: float = Field(2.0, ge=0, description="wait for more windows, only when the queue is light")
     queue_size: int = Field(2048, ge=1, description="windows waiting, per model; beyond it requests get 429")
     length_grouping: bool = Field(True, description="batch windows of similar length together")
@@ -53,6 +61,11 @@ class Settings(BaseSettings):
         if value not in ("auto", "cpu", "cuda"):
             raise ValueError("must be auto, cpu or cuda")
         return value
+
+    def batch_tokens_for(self, device: str) -> int:
+        if self.max_batch_tokens:
+            return self.max_batch_tokens
+        return 16384 if device == "cuda" else 1024
 
     def variant_for(self, name: str) -> str:
         for pair in filter(None, (p.strip() for p in self.model_variants.split(","))):

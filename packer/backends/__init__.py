@@ -13,6 +13,7 @@ def open_backend(
     device: str = "auto",
     strict: bool = False,
     threads: int | None = None,
+    spinning: bool = True,
 ) -> Backend:
     """Load one variant of an artifact on a device ('auto', 'cpu', 'cuda')."""
     if variant == "torch":
@@ -32,7 +33,9 @@ def open_backend(
             f"--{'onnx' if variant == 'onnx' else variant.split('-')[1]}"
         )
     verify_checksums(Path(artifact), manifest, [VARIANT_FILES[variant]])
-    return OrtBackend(Path(artifact), variant, device=device, strict=strict, threads=threads)
+    return OrtBackend(
+        Path(artifact), variant, device=device, strict=strict, threads=threads, spinning=spinning
+    )
 
 
 __all__ = ["Backend", "BackendError", "open_backend"]

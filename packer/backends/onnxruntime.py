@@ -20,6 +20,7 @@ class OrtBackend:
         device: str = "auto",
         strict: bool = False,
         threads: int | None = None,
+        spinning: bool = True,
     ):
         import onnxruntime as ort
 
@@ -41,7 +42,7 @@ class OrtBackend:
         self.name = f"ort-{self.device}-{self.dtype}"
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else None
         self.session = session(
-            Path(artifact) / VARIANT_FILES[variant], threads or default_threads(), providers
+            Path(artifact) / VARIANT_FILES[variant], threads or default_threads(), providers, spinning
         )
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
