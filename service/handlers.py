@@ -15,7 +15,7 @@ from starlette.requests import Request
 
 from packer.tasks import classify, qa
 from service.batching import Batcher, WorkItem
-from service.errors import DeadlineExceeded, InvalidInput
+from service.errors import DeadlineExceeded, InvalidInput, PayloadTooLarge
 from service.metrics import Metrics
 from service.registry import ServedModel
 from service.schemas import (
@@ -51,6 +51,15 @@ def check_sizes(settings: Settings, count: int, texts: dict[str, str]) -> None:
     for field, text in texts.items():
         if len(text) > settings.max_context_chars:
             raise InvalidInput(f"{field}: {len(text)} characters, at most {settings.max_context_chars}")
+
+
+def submit(rt: Runtime, model: ServedModel, work: list[WorkItem]) -> None:
+    if len(work) > rt.settings.queue_size:  # could never be admitted: not a 429
+        raise PayloadTooLarge(
+            f"this request makes {len(work)} windows, more than the queue holds ({rt.settings.queue_size}); "
+            "send fewer or shorter contexts, or raise PRUNE_SERVE_QUEUE_SIZE"
+        )
+    rt.batcher.submit(model.name, work)
 
 
 async def _await_all(items: list[WorkItem], request: Request | None, deadline: float) -> list[dict]:
@@ -107,7 +116,7 @@ async def run_qa(
     windows = await rt.off_loop(tokenize)
     rt.metrics.tokenize.labels(model.name).observe(time.perf_counter() - start)
     work = [WorkItem(w.input_ids, w.attention_mask, w.token_type_ids, deadline) for ws in windows for w in ws]
-    rt.batcher.submit(model.name, work)
+    submit(rt, model, work)
     outputs = await _await_all(work, request, deadline)
 
     def postprocess():
@@ -151,7 +160,7 @@ async def run_classify(
     encoded = await rt.off_loop(tokenize)
     rt.metrics.tokenize.labels(model.name).observe(time.perf_counter() - start)
     work = [WorkItem(e.input_ids, e.attention_mask, e.token_type_ids, deadline) for e in encoded]
-    rt.batcher.submit(model.name, work)
+    submit(rt, model, work)
     outputs = await _await_all(work, request, deadline)
     results = []
     for out in outputs:

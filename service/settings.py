@@ -42,7 +42,6 @@ class Settings(BaseSettings):
     )
     metrics_require_key: bool = Field(False, description="also protect /metrics with the API key")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
-    log_payloads: bool = Field(False, description="log request bodies (off: logs hold no user text)")
     graceful_shutdown_s: float = Field(
         30.0, ge=0, description="how long SIGTERM waits for in-flight requests"
     )

@@ -257,6 +257,9 @@ def test_full_queue_is_429_at_once_and_late_is_504(busy_server):
             assert r.json()["error"]["type"] == "deadline_exceeded"
     assert httpx.get(busy_server.url + "/v1/models", headers=AUTH).status_code == 200
     assert busy_server.metric("prune_serve_errors_total", type="queue_full") >= 6
+    # More windows than the whole queue holds can never be admitted: 413, not 429.
+    r = post(busy_server, "/v1/models/qa-torch/qa", {"items": [{"question": "q", "context": "c"}] * 5}, AUTH)
+    assert r.status_code == 413 and "more than the queue holds" in r.json()["error"]["message"]
 
 
 def test_no_models_fails_at_start_saying_how_to_pack(tmp_path):
