@@ -55,7 +55,8 @@ class BatchLimits:
 Runner = Callable[[np.ndarray, np.ndarray, np.ndarray | None], dict[str, np.ndarray]]
 
 
-def pad(items: list[WorkItem], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+def pad(items: list, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """Right-pad windows (anything with input_ids, token_type_ids, length) into one batch."""
     longest = max(it.length for it in items)
     ids = np.full((len(items), longest), pad_id, dtype=np.int64)
     mask = np.zeros((len(items), longest), dtype=np.int64)

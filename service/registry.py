@@ -6,8 +6,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from packer.arch import QA
 from packer.artifact import VARIANT_FILES, load_tokenizer, read_manifest, read_packed_config
 from packer.backends import Backend, open_backend
@@ -15,6 +13,7 @@ from packer.errors import PackerError
 from packer.modeling import PackedConfig
 from packer.samples import QA_PAIRS, SENTENCES
 from packer.tasks import classify, qa
+from service.batching import pad
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -108,15 +107,7 @@ def warm_up(model: ServedModel) -> None:
         windows = [w for q, c in QA_PAIRS[:4] for w in qa.make_windows(model.tokenizer, q, c, qa.QAOptions())]
     else:
         windows = [classify.encode(model.tokenizer, s, None, 128) for s in SENTENCES[:4]]
-    longest = max(w.length for w in windows)
-    ids = np.full((len(windows), longest), model.pad_id, dtype=np.int64)
-    mask = np.zeros_like(ids)
-    types = np.zeros_like(ids) if windows[0].token_type_ids is not None else None
-    for row, w in enumerate(windows):
-        ids[row, : w.length] = w.input_ids
-        mask[row, : w.length] = 1
-        if types is not None:
-            types[row, : w.length] = w.token_type_ids
+    ids, mask, types, _ = pad(windows, model.pad_id)
     for _ in range(2):
         model.backend.run(ids, mask, types)
 
