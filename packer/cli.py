@@ -139,6 +139,77 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _target(args):
+    from packer.evaluate.run import Target
+
+    return Target(
+        artifact=args.artifact,
+        variant=args.variant,
+        source=args.source,
+        url=args.url,
+        model=args.model,
+        api_key=args.api_key,
+        predictions=getattr(args, "predictions", None),
+        na_probs=getattr(args, "na_probs", None),
+        threads=args.threads,
+    )
+
+
+def _write_eval(args, result: dict) -> None:
+    print(json.dumps(result["metrics"], indent=2))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result["metrics"], indent=2) + "\n")
+    if getattr(args, "save_predictions", None) and "predictions" in result:
+        Path(args.save_predictions).write_text(json.dumps(result["predictions"], indent=1) + "\n")
+        Path(args.save_predictions).with_suffix(".na_probs.json").write_text(
+            json.dumps(result["na_probs"]) + "\n"
+        )
+    if args.report_json:
+        keep = {k: v for k, v in result.items() if k not in ("predictions", "na_probs")}
+        Path(args.report_json).write_text(json.dumps(keep, indent=2) + "\n")
+
+
+def cmd_eval_squad2(args) -> int:
+    from packer.evaluate.run import eval_squad2
+    from packer.tasks.qa import QAOptions
+
+    options = QAOptions(
+        max_seq_len=args.max_seq_len, doc_stride=args.doc_stride, max_answer_len=args.max_answer_len
+    )
+    articles = [a for a in (args.articles or "").split(",") if a] or None
+    result = eval_squad2(_target(args), args.data, options, articles, args.limit, progress=not args.quiet)
+    _write_eval(args, result)
+    return 0
+
+
+def cmd_eval_sst2(args) -> int:
+    from packer.evaluate.run import eval_sst2
+
+    _write_eval(args, eval_sst2(_target(args), args.data, args.rows, args.limit, progress=not args.quiet))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from packer.evaluate.report import build_report
+
+    table, chart = build_report(
+        task=args.task,
+        data=args.data,
+        source=args.source,
+        artifacts=args.artifact,
+        variants=args.variants.split(",") if args.variants else None,
+        out=Path(args.out),
+        limit=args.limit,
+        articles=args.articles,
+        rows=args.rows,
+        threads=args.threads,
+        extra=["--max-seq-len", str(args.max_seq_len), "--doc-stride", str(args.doc_stride)],
+    )
+    print(table.read_text())
+    print(f"wrote {table} and {chart}", file=sys.stderr)
+    return 0
+
+
 def cmd_synth(args) -> int:
     from packer.synthetic import build_profile
 
@@ -204,6 +275,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", help="gates file the artifact was packed with")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="accuracy: SQuAD v2 (official metric) or SST-2")
+    tasks = p.add_subparsers(dest="eval_task", required=True)
+    target = argparse.ArgumentParser(add_help=False)
+    target.add_argument("--data", required=True, help="SQuAD v2 JSON / SST-2 dev.tsv")
+    target.add_argument("--artifact", help="packed artifact, evaluated in process")
+    target.add_argument("--variant", default="auto", help="artifact variant (auto: the CPU default)")
+    target.add_argument("--source", help="the unpacked source checkpoint, through transformers")
+    target.add_argument("--url", help="a running prune-serve, e.g. http://127.0.0.1:8000")
+    target.add_argument("--model", help="the served model's name (with --url)")
+    target.add_argument("--api-key", help="with --url, when the service wants one")
+    target.add_argument("--limit", type=int, help="only the first N questions / rows")
+    target.add_argument("--threads", type=int)
+    target.add_argument("--output", metavar="METRICS.json", help="write the metrics JSON")
+    target.add_argument("--report-json", help=argparse.SUPPRESS)
+    q = tasks.add_parser("squad2", parents=[common, target], help="EM/F1 with the official SQuAD v2 metric")
+    q.add_argument("--predictions", metavar="PRED.json", help="score a {id: answer} file instead of a model")
+    q.add_argument("--na-probs", metavar="NA.json", help="with --predictions: {id: null score} for best_*")
+    q.add_argument("--articles", help="comma-separated article titles (e.g. a held-out split)")
+    q.add_argument("--save-predictions", metavar="PRED.json")
+    q.add_argument("--max-seq-len", type=int, default=384)
+    q.add_argument("--doc-stride", type=int, default=128)
+    q.add_argument("--max-answer-len", type=int, default=30)
+    q.set_defaults(func=cmd_eval_squad2)
+    c = tasks.add_parser("sst2", parents=[common, target], help="accuracy on SST-2 dev.tsv")
+    c.add_argument("--rows", help="FIRST-LAST data rows, 1-based (e.g. 601-872, a held-out split)")
+    c.set_defaults(func=cmd_eval_sst2)
+
+    p = sub.add_parser("report", parents=[common], help="accuracy vs speed table and chart")
+    p.add_argument("task", choices=["squad2", "sst2"])
+    p.add_argument("--data", required=True)
+    p.add_argument("--source", required=True, help="the unpacked source checkpoint (the speedup baseline)")
+    p.add_argument("--artifact", action="append", default=[], help="repeatable")
+    p.add_argument("--variants", help="comma list (default: every variant each artifact has)")
+    p.add_argument("--out", required=True, help="directory for report.md and report.png")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--articles")
+    p.add_argument("--rows")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--max-seq-len", type=int, default=384)
+    p.add_argument("--doc-stride", type=int, default=128)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "synth", parents=[common], help="write a random pruned checkpoint (tests and benchmarks)"

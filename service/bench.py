@@ -98,13 +98,11 @@ def bare_backend(artifact: Path, questions: list[dict], threads: int, limits, cl
     the windows of `clients` outstanding questions, refilled as questions complete, as the service's is.
     """
     from packer.artifact import load_tokenizer
-    from packer.backends import open_backend
+    from packer.backends import choose_variant, open_backend, present_variants
     from packer.tasks import qa
     from service.batching import WorkItem, pad, select
-    from service.registry import CPU_PREFERENCE, choose_variant
 
-    manifest = json.loads((artifact / "pack.json").read_text())
-    variant = choose_variant("auto", [v for v in CPU_PREFERENCE if v in manifest["variants"]], False)
+    variant = choose_variant("auto", present_variants(artifact), False)
     backend = open_backend(artifact, variant, device="cpu", threads=threads)
     tokenizer = load_tokenizer(artifact)
     pad_id = tokenizer.pad_token_id or 0

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packer.arch import QA
-from packer.artifact import VARIANT_FILES, load_tokenizer, read_manifest, read_packed_config
-from packer.backends import Backend, open_backend
+from packer.artifact import load_tokenizer, read_manifest, read_packed_config
+from packer.backends import Backend, choose_variant, open_backend, present_variants
 from packer.errors import PackerError
 from packer.modeling import PackedConfig
 from packer.samples import QA_PAIRS, SENTENCES
@@ -18,11 +18,8 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CPU_PREFERENCE = ("onnx-int8", "onnx", "torch")
-CUDA_PREFERENCE = ("onnx-fp16", "torch")
 
-
-class RegistryError(Exception):
+class RegistryError(PackerError):
     """The models directory cannot be served (the message says how to fix it)."""
 
 
@@ -73,19 +70,6 @@ def cuda_available() -> bool:
         return False
 
 
-def choose_variant(requested: str, present: list[str], on_cuda: bool) -> str:
-    if requested != "auto":
-        if requested not in present:
-            raise RegistryError(f"variant {requested} is not packed (present: {', '.join(present)})")
-        return requested
-    for variant in CUDA_PREFERENCE if on_cuda else CPU_PREFERENCE:
-        if variant in present:
-            return variant
-    raise RegistryError(
-        f"no variant usable on {'cuda' if on_cuda else 'cpu'} (present: {', '.join(present)})"
-    )
-
-
 def discover(models_dir: Path) -> list[Path]:
     if not models_dir.is_dir():
         raise RegistryError(
@@ -115,8 +99,7 @@ def warm_up(model: ServedModel) -> None:
 def load_model(path: Path, settings: Settings, on_cuda: bool) -> ServedModel:
     try:
         manifest = read_manifest(path)
-        present = [v for v, f in VARIANT_FILES.items() if f in (manifest.get("files") or {})]
-        variant = choose_variant(settings.variant_for(path.name), present, on_cuda)
+        variant = choose_variant(settings.variant_for(path.name), present_variants(path), on_cuda)
         config = read_packed_config(path)
         backend = open_backend(
             path,
@@ -137,7 +120,7 @@ def load_model(path: Path, settings: Settings, on_cuda: bool) -> ServedModel:
             params=int(manifest.get("params", {}).get("after", 0)),
         )
         warm_up(model)
-    except (PackerError, RegistryError) as exc:
+    except PackerError as exc:
         raise RegistryError(f"model {path.name} ({path}): {exc}") from exc
     log.info("serving %s: %s, %s variant on %s", model.name, model.task, variant, backend.name)
     return model

@@ -6,6 +6,28 @@ from pathlib import Path
 
 from packer.backends.base import Backend, BackendError
 
+CPU_PREFERENCE = ("onnx-int8", "onnx", "torch")
+CUDA_PREFERENCE = ("onnx-fp16", "torch")
+
+
+def choose_variant(requested: str, present: list[str], on_cuda: bool) -> str:
+    """`auto`: on CPU the first present of onnx-int8, onnx, torch; on CUDA onnx-fp16, then torch."""
+    if requested != "auto":
+        if requested not in present:
+            raise BackendError(f"variant {requested} is not packed (present: {', '.join(present)})")
+        return requested
+    for variant in CUDA_PREFERENCE if on_cuda else CPU_PREFERENCE:
+        if variant in present:
+            return variant
+    raise BackendError(f"no variant usable on {'cuda' if on_cuda else 'cpu'} (present: {', '.join(present)})")
+
+
+def present_variants(artifact: str | Path) -> list[str]:
+    from packer.artifact import VARIANT_FILES, read_manifest
+
+    files = read_manifest(Path(artifact)).get("files") or {}
+    return [v for v, f in VARIANT_FILES.items() if f in files]
+
 
 def open_backend(
     artifact: str | Path,
@@ -38,4 +60,4 @@ def open_backend(
     )
 
 
-__all__ = ["Backend", "BackendError", "open_backend"]
+__all__ = ["Backend", "BackendError", "choose_variant", "open_backend", "present_variants"]

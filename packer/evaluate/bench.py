@@ -70,23 +70,6 @@ def median_ms(run, inputs: dict, warmup: int, runs: int) -> float:
     return statistics.median(times)
 
 
-def _source_runner(src: str, task: str, masks: str | None, threads: int):
-    import torch
-
-    from packer.pack import PackOptions, prepare
-    from packer.verify import reference_model
-
-    torch.set_num_threads(threads)
-    prepared = prepare(src, PackOptions(masks=masks, task=task, progress=False))
-    model = reference_model(prepared.source, attn_implementation="sdpa")
-
-    @torch.inference_mode()
-    def run(input_ids, attention_mask):
-        return model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask))
-
-    return run, "transformers-cpu-fp32"
-
-
 def worker(argv: list[str]) -> None:
     """One variant, timed alone in this process; prints one JSON line."""
     p = argparse.ArgumentParser()
@@ -104,7 +87,10 @@ def worker(argv: list[str]) -> None:
 
     config = read_packed_config(args.artifact)
     if args.variant == "source":
-        run, backend = _source_runner(args.src, config.task, args.masks, args.threads)
+        from packer.backends.source import SourceBackend
+
+        source = SourceBackend(args.src, task=config.task, masks=args.masks, threads=args.threads)
+        run, backend = source.run, source.name
     else:
         from packer.backends import open_backend
 

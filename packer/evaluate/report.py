@@ -1,0 +1,181 @@
+"""Accuracy against speed for a source and its artifacts: one markdown table and one PNG chart,
+in the seeds' Table 2 style. Each row is evaluated in its own process (thread pools never overlap)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from packer.errors import PackerError
+
+
+@dataclass
+class Row:
+    name: str
+    backend: str
+    accuracy: float  # F1 (squad2) or accuracy (sst2)
+    exact: float | None
+    seconds: float
+    examples: int
+    params: int
+    size_bytes: int
+
+    def ms_per_example(self) -> float:
+        return 1000 * self.seconds / self.examples
+
+
+def _eval(task: str, data: str, target: list[str], common: list[str]) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [
+        sys.executable,
+        "-m",
+        "packer.cli",
+        "eval",
+        task,
+        "-q",
+        "--data",
+        data,
+        *target,
+        *common,
+        "--report-json",
+        out,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        if done.returncode != 0:
+            raise PackerError(
+                f"evaluating {' '.join(target)} failed: {done.stderr.strip().splitlines()[-1:]}"
+            )
+        return json.loads(Path(out).read_text())
+    finally:
+        os.unlink(out)
+
+
+def _row(name: str, result: dict, task: str, params: int, size: int) -> Row:
+    m = result["metrics"]
+    accuracy = m.get("best_f1", m.get("f1")) if task == "squad2" else m["accuracy"]
+    exact = m.get("best_exact", m.get("exact")) if task == "squad2" else None
+    return Row(name, result["backend"], accuracy, exact, result["seconds"], result["questions"], params, size)
+
+
+def render_markdown(rows: list[Row], task: str, settings: str) -> str:
+    source = rows[0]
+    metric = "F1" if task == "squad2" else "accuracy"
+    lines = [
+        f"| model | backend | {metric} | Δ {metric} | EM | ms / example | speedup | params | size (MB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.name} | {r.backend} | {r.accuracy:.2f} | {r.accuracy - source.accuracy:+.2f} | "
+            f"{'' if r.exact is None else f'{r.exact:.2f}'} | {r.ms_per_example():.1f} | "
+            f"{source.seconds / r.seconds:.2f}x | {r.params / 1e6:.1f}M | {r.size_bytes / 1e6:.0f} |"
+        )
+    return "\n".join(lines) + "\n\n" + settings + "\n"
+
+
+def render_chart(rows: list[Row], task: str, file: Path, settings: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    source = rows[0]
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for r in rows:
+        speedup = source.seconds / r.seconds
+        ax.scatter(speedup, r.accuracy, s=40 + r.params / 2e6, alpha=0.8)
+        ax.annotate(
+            f"{r.name}\n{r.backend}",
+            (speedup, r.accuracy),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=7,
+        )
+    ax.set_xlabel("speedup vs source (same machine, same data)")
+    ax.set_ylabel("F1" if task == "squad2" else "accuracy (%)")
+    ax.set_title("accuracy vs speed", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.text(0.01, 0.01, settings, fontsize=6, va="bottom")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+    return file
+
+
+def build_report(
+    task: str,
+    data: str,
+    source: str,
+    artifacts: list[str],
+    out: Path,
+    variants: list[str] | None = None,
+    limit: int | None = None,
+    articles: str | None = None,
+    rows: str | None = None,
+    threads: int | None = None,
+    extra: list[str] | None = None,
+) -> tuple[Path, Path]:
+    import torch
+
+    from packer.artifact import VARIANT_FILES, read_manifest
+    from packer.backends import present_variants
+    from packer.checkpoint import resolve
+
+    if not artifacts:
+        raise PackerError("report needs at least one --artifact")
+    common = []
+    if limit:
+        common += ["--limit", str(limit)]
+    if threads:
+        common += ["--threads", str(threads)]
+    if task == "squad2":
+        common += ["--articles", articles] if articles else []
+        common += extra or []
+    elif rows:
+        common += ["--rows", rows]
+
+    first = read_manifest(Path(artifacts[0]))
+    source_dir = resolve(source)
+    source_size = sum(f.stat().st_size for f in source_dir.iterdir() if f.suffix in (".safetensors", ".bin"))
+    table_rows = [
+        _row(
+            "source",
+            _eval(task, data, ["--source", source], common),
+            task,
+            first["params"]["before"],
+            source_size,
+        )
+    ]
+    for artifact in artifacts:
+        manifest = read_manifest(Path(artifact))
+        for variant in variants or present_variants(artifact):
+            if variant == "onnx-fp16" or variant not in present_variants(artifact):
+                continue  # fp16 graphs are for GPUs; a CPU timing of them means nothing
+            result = _eval(task, data, ["--artifact", artifact, "--variant", variant], common)
+            size = (Path(artifact) / VARIANT_FILES[variant]).stat().st_size
+            table_rows.append(
+                _row(f"{Path(artifact).name} {variant}", result, task, manifest["params"]["after"], size)
+            )
+    settings = (
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
+        f"torch {torch.__version__}; threads {threads or os.cpu_count()}; each row in its own process. "
+        f"Data: {Path(data).name}"
+        + (f", articles {articles}" if articles else "")
+        + (f", rows {rows}" if rows else "")
+        + (f", first {limit}" if limit else "")
+        + f"; {table_rows[0].examples} examples. Speedup: source time / row time, tokenization included."
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    table = out / "report.md"
+    table.write_text(render_markdown(table_rows, task, settings))
+    chart = render_chart(table_rows, task, out / "report.png", settings)
+    (out / "report.json").write_text(json.dumps([r.__dict__ for r in table_rows], indent=2) + "\n")
+    return table, chart

@@ -1,0 +1,147 @@
+"""`prune-pack eval`: SQuAD v2 and SST-2 through an artifact, the source, a running service, or a file."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from packer.errors import PackerError
+from packer.evaluate import predict, squad
+from packer.tasks import qa
+
+
+@dataclass
+class Target:
+    """What produces predictions: exactly one of artifact, source, url (+ model), predictions file."""
+
+    artifact: str | None = None
+    variant: str = "auto"
+    source: str | None = None
+    url: str | None = None
+    model: str | None = None
+    api_key: str | None = None
+    predictions: str | None = None
+    na_probs: str | None = None
+    threads: int | None = None
+
+    def check(self) -> None:
+        given = [x for x in (self.artifact, self.source, self.url, self.predictions) if x]
+        if len(given) != 1:
+            raise PackerError(
+                "give exactly one of --artifact, --source, --url (with --model) or --predictions"
+            )
+        if self.url and not self.model:
+            raise PackerError("--url needs --model NAME (the served model's name)")
+
+
+def open_local(target: Target):
+    """(backend, tokenizer, id2label) for an artifact variant or the source checkpoint."""
+    if target.artifact:
+        from packer.artifact import load_tokenizer, read_packed_config
+        from packer.backends import choose_variant, open_backend, present_variants
+
+        variant = choose_variant(target.variant, present_variants(target.artifact), on_cuda=False)
+        backend = open_backend(target.artifact, variant, device="cpu", threads=target.threads)
+        config = read_packed_config(Path(target.artifact))
+        return backend, load_tokenizer(Path(target.artifact)), config.id2label
+    from packer.backends.source import SourceBackend
+    from packer.pack import load_source_tokenizer
+
+    backend = SourceBackend(target.source, threads=target.threads)
+    labels = {int(k): v for k, v in (backend.source.config.get("id2label") or {}).items()}
+    return backend, load_source_tokenizer(backend.source, None), labels
+
+
+def load_squad(path: str, articles: list[str] | None, limit: int | None) -> list[dict]:
+    try:
+        data = json.loads(Path(path).read_text())["data"]
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise PackerError(f"{path}: not a SQuAD JSON file ({exc})") from exc
+    if articles:
+        missing = set(articles) - {a["title"] for a in data}
+        if missing:
+            raise PackerError(f"{path} has no article named {', '.join(sorted(missing))}")
+    return squad.restrict(data, articles, limit)
+
+
+def eval_squad2(
+    target: Target,
+    data: str,
+    options: qa.QAOptions,
+    articles: list[str] | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
+    target.check()
+    dataset = load_squad(data, articles, limit)
+    start = time.perf_counter()
+    backend_name = None
+    if target.predictions:
+        answers = json.loads(Path(target.predictions).read_text())
+        na_probs = json.loads(Path(target.na_probs).read_text()) if target.na_probs else None
+        dataset = squad.restrict_to(dataset, answers)
+    elif target.url:
+        preds = predict.predict_squad_http(
+            target.url, target.model, dataset, options, target.api_key, progress=progress
+        )
+        answers, na_probs = preds.answers, preds.na_probs
+        backend_name = f"http {target.url} {target.model}"
+    else:
+        backend, tokenizer, _ = open_local(target)
+        preds = predict.predict_squad(backend, tokenizer, dataset, options, progress=progress)
+        answers, na_probs = preds.answers, preds.na_probs
+        backend_name = backend.name
+    seconds = time.perf_counter() - start
+    metrics = squad.evaluate(dataset, answers, na_probs)
+    return {
+        "metrics": metrics,
+        "predictions": answers,
+        "na_probs": na_probs,
+        "seconds": seconds,
+        "backend": backend_name,
+        "questions": len(answers),
+    }
+
+
+def parse_rows(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        first, last = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise PackerError(f"--rows {text!r} is not FIRST-LAST, e.g. 601-872") from None
+    return first, last
+
+
+def eval_sst2(
+    target: Target, data: str, rows: str | None = None, limit: int | None = None, progress=True
+) -> dict:
+    target.check()
+    if target.predictions:
+        raise PackerError("sst2 evaluation runs a model: use --artifact, --source or --url")
+    examples = predict.read_sst2(data, parse_rows(rows), limit)
+    texts, gold = [t for t, _ in examples], [y for _, y in examples]
+    start = time.perf_counter()
+    if target.url:
+        labels = predict.predict_labels_http(
+            target.url, target.model, texts, target.api_key, progress=progress
+        )
+        backend_name = f"http {target.url} {target.model}"
+        served = predict.served_labels(target.url, target.model, target.api_key)
+        label_ids = {name: i for i, name in enumerate(served)}
+    else:
+        backend, tokenizer, id2label = open_local(target)
+        labels = predict.predict_labels(backend, tokenizer, id2label, texts, progress=progress)
+        backend_name = backend.name
+        label_ids = {v: k for k, v in id2label.items()}
+    seconds = time.perf_counter() - start
+    predicted = [label_ids.get(label, -1) for label in labels]
+    correct = sum(int(p == g) for p, g in zip(predicted, gold, strict=True))
+    return {
+        "metrics": {"accuracy": 100.0 * correct / len(gold), "total": len(gold)},
+        "seconds": seconds,
+        "backend": backend_name,
+        "questions": len(gold),
+    }
