@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,18 @@ def bert_onnx(workdir, bert_qa_src):
 
     pack(str(bert_qa_src), out, PackOptions(progress=False, int8="dynamic", fp16=True))
     return out
+
+
+@pytest.fixture(scope="session")
+def models_dir(workdir, bert_onnx, bert_qa_packed, roberta_cls_src):
+    from packer.pack import PackOptions, pack
+
+    root = workdir / "served"
+    root.mkdir()
+    shutil.copytree(bert_onnx, root / "qa")  # has onnx-int8: served by ONNX Runtime
+    shutil.copytree(bert_qa_packed, root / "qa-torch")  # torch only
+    pack(str(roberta_cls_src), root / "cls", PackOptions(progress=False, onnx=True))
+    return root
 
 
 def hf_model(src: Path):

@@ -23,18 +23,6 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="session")
-def models_dir(workdir, bert_onnx, bert_qa_packed, roberta_cls_src):
-    from packer.pack import PackOptions, pack
-
-    root = workdir / "served"
-    root.mkdir()
-    shutil.copytree(bert_onnx, root / "qa")  # has onnx-int8: served by ONNX Runtime
-    shutil.copytree(bert_qa_packed, root / "qa-torch")  # torch only
-    pack(str(roberta_cls_src), root / "cls", PackOptions(progress=False, onnx=True))
-    return root
-
-
-@pytest.fixture(scope="session")
 def server(models_dir, tmp_path_factory):
     srv = Server(models_dir, tmp_path_factory.mktemp("logs") / "serve.log", max_wait_ms=20)
     yield srv
