@@ -210,6 +210,21 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_gates(args) -> int:
+    from packer.checkpoint import read_source
+    from packer.gates import magnitude_gates
+
+    source = read_source(args.src, progress=not args.quiet)
+    masks = magnitude_gates(source, args.heads, args.ffn)
+    Path(args.out).write_text(json.dumps(masks) + "\n")
+    closed_heads = sum(g.count(0) for g in masks["heads"].values())
+    closed_ffn = sum(g.count(0) for g in masks["ffn"].values())
+    print(
+        f"wrote {args.out}: {closed_heads} heads and {closed_ffn} FFN dims closed (lowest weight magnitude)"
+    )
+    return 0
+
+
 def cmd_synth(args) -> int:
     from packer.synthetic import build_profile
 
@@ -317,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=384)
     p.add_argument("--doc-stride", type=int, default=128)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("gates", parents=[common], help="a masks file closing the weakest heads / FFN dims")
+    p.add_argument("src")
+    p.add_argument("out", metavar="MASKS.json")
+    p.add_argument("--heads", type=float, default=0.25, help="fraction of heads to close (0.25)")
+    p.add_argument("--ffn", type=float, default=0.5, help="fraction of FFN dims to close (0.5)")
+    p.set_defaults(func=cmd_gates)
 
     p = sub.add_parser(
         "synth", parents=[common], help="write a random pruned checkpoint (tests and benchmarks)"
