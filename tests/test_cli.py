@@ -88,3 +88,23 @@ def test_synth_then_pack_roundtrip(tmp_path, capsys):
     assert main(["pack", "-q", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "heads 11/16" in out and "equivalence: max abs logit diff" in out
+
+
+def test_gates_close_the_weakest_and_pack(tmp_path, capsys):
+    from packer.synthetic import PrunePlan, build_checkpoint
+
+    src = build_checkpoint(tmp_path / "src", plan=PrunePlan(), seed=11)
+    # Make one head and ten FFN dims clearly the weakest.
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(src / "model.safetensors"))
+    state["bert.encoder.layer.1.attention.self.value.weight"][16:24] *= 1e-3
+    state["bert.encoder.layer.2.intermediate.dense.weight"][:10] *= 1e-3
+    save_file(state, str(src / "model.safetensors"))
+    masks = tmp_path / "masks.json"
+    assert main(["gates", "-q", str(src), str(masks), "--heads", str(1 / 16), "--ffn", str(10 / 256)]) == 0
+    gates = json.loads(masks.read_text())
+    assert sum(g.count(0) for g in gates["heads"].values()) == 1 and gates["heads"]["1"][2] == 0
+    assert gates["ffn"]["2"][:10] == [0] * 10 and sum(g.count(0) for g in gates["ffn"].values()) == 10
+    assert main(["pack", "-q", str(src), str(tmp_path / "out"), "--masks", str(masks)]) == 0
+    assert "heads 15/16" in capsys.readouterr().out
