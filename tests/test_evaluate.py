@@ -122,7 +122,7 @@ def eval_json(capsys, argv) -> dict:
 
 
 def test_service_and_in_process_give_the_same_predictions(models_dir, tmp_path, capsys):
-    data = SQUAD / "dev-v2.0.json" if (SQUAD / "dev-v2.0.json").is_file() else squad_file(tmp_path)
+    data = SQUAD / "dev-v2.0.json" if (SQUAD / "dev-v2.0.json").is_file() else squad_file(tmp_path, 50)
     common = ["--data", str(data), "--limit", "50", "--max-seq-len", "128", "--doc-stride", "32"]
     local = eval_json(
         capsys,
