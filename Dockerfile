@@ -11,8 +11,12 @@ ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 FROM ${PYTHON_IMAGE} AS build-cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-RUN python -m venv /opt/venv \
-    && pip install --index-url "${TORCH_INDEX}" torch==2.13.0
+# Builds without that index: TORCH_WHEELS names a directory in the build context holding the CPU wheel.
+ARG TORCH_WHEELS=""
+RUN --mount=type=bind,source=.,target=/ctx \
+    python3 -m venv /opt/venv \
+    && if [ -n "${TORCH_WHEELS}" ]; then pip install --find-links "/ctx/${TORCH_WHEELS}" torch==2.13.0; \
+       else pip install --index-url "${TORCH_INDEX}" torch==2.13.0; fi
 COPY pyproject.toml README.md /src/
 COPY packer /src/packer
 COPY service /src/service

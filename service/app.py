@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -62,6 +62,9 @@ ERRORS = {
 }
 
 
+POST_PREFIXES = ("/v1/models/", "/models/")
+
+
 class RequestGuard:
     """Pure ASGI: content type and body size before any parsing, in-flight gauge, request metrics."""
 
@@ -88,7 +91,7 @@ class RequestGuard:
             if rejection is not None:
                 await rejection(scope, receive, send_wrapper)
                 return
-            if scope["method"] == "POST":
+            if scope["method"] == "POST" and scope["path"].startswith(POST_PREFIXES):
                 body = await self._read_body(receive, settings.max_body_bytes)
                 if body is None:
                     too_large = error_response(
@@ -110,7 +113,8 @@ class RequestGuard:
 
     @staticmethod
     def _reject(scope, settings: Settings):
-        if scope["method"] != "POST":
+        # Only the POST routes take a body; anything else is the router's to answer (404 / 405).
+        if scope["method"] != "POST" or not scope["path"].startswith(POST_PREFIXES):
             return None
         headers = dict(scope["headers"])
         content_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
@@ -240,6 +244,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # Undecodable bytes or nesting too deep for the JSON parser: the same fix as any bad JSON.
+            metrics.errors.labels("", "validation_error").inc()
+            return error_response(
+                422, "validation_error", "body: not valid JSON (send UTF-8 JSON of modest depth)"
+            )
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, kind, str(exc.detail), getattr(exc, "headers", None))
 
@@ -294,7 +304,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return error_response(503, "not_ready", "models are loading or the server is stopping")
         return {"status": "ready", "models": sorted(state["models"])}
 
-    @app.get("/metrics", tags=["ops"], dependencies=keyed if settings.metrics_require_key else [])
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        dependencies=keyed if settings.metrics_require_key else [],
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition format"}},
+    )
     async def metrics_route() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
