@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1.7
 # Targets: `cpu` (default: pinned CPU torch + onnxruntime) and `cuda` (CUDA torch + onnxruntime-gpu).
 #   docker build --target cpu  -t prune-serve:cpu  --build-arg MODEL_SRC=madlag/bert-large-uncased-wwm-squadv2-x2.15-f83.2-d25-hybrid-v1 .
 #   docker build --target cuda -t prune-serve:cuda --build-arg MODEL_SRC=path/in/context --build-arg PACK_ARGS="--fp16" .
