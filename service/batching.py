@@ -183,8 +183,8 @@ class Batcher:
             if not it.future.set_running_or_notify_cancel():
                 continue  # the client went away
             if now > it.deadline:
+                # Counted once per request by the HTTP layer's error handler, not here per window.
                 it.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
-                self.metrics.errors.labels(queue.name, "deadline_exceeded").inc()
                 continue
             live.append(it)
             self.metrics.queue_wait.labels(queue.name).observe(now - it.enqueued)
@@ -201,7 +201,6 @@ class Batcher:
             outputs = queue.runner(ids, mask, types)
         except Exception as exc:
             log.exception("inference failed for a batch of %d windows of model %s", len(live), queue.name)
-            self.metrics.errors.labels(queue.name, "inference_failed").inc()
             error = InferenceFailed(f"inference failed for this batch: {type(exc).__name__}: {exc}")
             for it in live:
                 it.future.set_exception(error)

@@ -1,0 +1,125 @@
+"""Hostile input and faults against a real server: right 4xx, still serving, memory bounded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from packer.artifact import write_manifest
+from tests.serving import Server
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def hostile_server(models_dir, tmp_path_factory):
+    srv = Server(models_dir, tmp_path_factory.mktemp("hostile") / "serve.log")
+    yield srv
+    srv.stop()
+
+
+def raw(srv, path, body: bytes, content_type="application/json"):
+    return httpx.post(srv.url + path, content=body, headers={"content-type": content_type}, timeout=30)
+
+
+HOSTILE = [
+    (
+        "1 MB context",
+        "/v1/models/qa/qa",
+        json.dumps({"question": "q", "context": "x" * 1_000_000}).encode(),
+        413,
+    ),
+    (
+        "90k-char context",
+        "/v1/models/qa/qa",
+        json.dumps({"question": "q", "context": "word " * 40_000}).encode(),
+        422,
+    ),
+    (
+        "5000 items",
+        "/v1/models/qa/qa",
+        json.dumps({"items": [{"question": "q", "context": "c"}] * 5000}).encode(),
+        422,
+    ),
+    ("invalid UTF-8", "/v1/models/qa/qa", b'{"question": "\xff\xfe\xfa", "context": "c"}', 422),
+    ("deeply nested", "/v1/models/qa/qa", b"[" * 50_000 + b"]" * 50_000, 422),
+    ("nested in a field", "/models/qa", b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", 422),
+    ("traversal name", "/v1/models/..%2F..%2Fetc%2Fpasswd/qa", b'{"question": "q", "context": "c"}', 404),
+    ("dot-dot name", "/v1/models/%2e%2e/qa", b'{"question": "q", "context": "c"}', 404),
+    (
+        "null bytes",
+        "/v1/models/qa/qa",
+        json.dumps({"question": "a\x00b", "context": "c\x00\x1b[2J\u202e"}).encode(),
+        200,
+    ),
+    ("not an object", "/v1/models/qa/qa", b'"just a string"', 422),
+    ("huge number", "/v1/models/qa/qa", b'{"question": "q", "context": "c", "top_k": 1e400}', 422),
+]
+
+
+@pytest.mark.parametrize(("what", "path", "body", "status"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_input_gets_the_right_status(hostile_server, what, path, body, status):
+    r = raw(hostile_server, path, body)
+    assert r.status_code == status, f"{what}: {r.text[:300]}"
+    if status != 200:
+        assert r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", "application/xml", ""],
+)
+def test_wrong_content_types(hostile_server, content_type):
+    r = raw(hostile_server, "/v1/models/qa/qa", b'{"question": "q", "context": "c"}', content_type)
+    assert r.status_code == 415
+
+
+def test_memory_stays_bounded_under_hostile_input(hostile_server):
+    pid = hostile_server.proc.pid
+    ok = {"question": "When did the bridge open?", "context": "The bridge opened to traffic in 1883."}
+    for _ in range(3):
+        httpx.post(hostile_server.url + "/v1/models/qa/qa", json=ok, timeout=30)
+    before = rss_mb(pid)
+    for _ in range(5):
+        for _, path, body, _ in HOSTILE:
+            raw(hostile_server, path, body)
+    after = rss_mb(pid)
+    assert after - before < 64, f"RSS grew {after - before:.0f} MB ({before:.0f} -> {after:.0f})"
+    assert httpx.post(hostile_server.url + "/v1/models/qa/qa", json=ok, timeout=30).status_code == 200
+
+
+def test_a_failing_batch_fails_only_its_requests(models_dir, tmp_path):
+    """A real backend fault: a tokenizer token whose id is past the model's embedding table."""
+    root = tmp_path / "models"
+    shutil.copytree(models_dir / "qa-torch", root / "faulty")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "faulty")
+    tokenizer.add_tokens(["zzqxfault"])
+    tokenizer.save_pretrained(root / "faulty")
+    write_manifest(root / "faulty", json.loads((root / "faulty" / "pack.json").read_text()))
+    srv = Server(root, tmp_path / "serve.log", max_wait_ms=0)
+    try:
+        bad = httpx.post(
+            srv.url + "/v1/models/faulty/qa", json={"question": "q", "context": "zzqxfault here"}
+        )
+        assert bad.status_code == 500
+        assert bad.json()["error"]["type"] == "inference_failed"
+        assert "inference failed for this batch" in bad.json()["error"]["message"]
+        good = httpx.post(
+            srv.url + "/v1/models/faulty/qa", json={"question": "when?", "context": "It opened in 1883."}
+        )
+        assert good.status_code == 200
+        assert srv.metric("prune_serve_errors_total", type="inference_failed") == 1
+        assert httpx.get(srv.url + "/ready").status_code == 200
+    finally:
+        srv.stop()
