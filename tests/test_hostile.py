@@ -123,3 +123,40 @@ def test_a_failing_batch_fails_only_its_requests(models_dir, tmp_path):
         assert httpx.get(srv.url + "/ready").status_code == 200
     finally:
         srv.stop()
+
+
+def test_overload_loses_nothing(models_dir, tmp_path):
+    """Open-loop load far past capacity for a few seconds: every request is answered 200, 429 or 504."""
+    import asyncio
+
+    from service.soak import open_loop
+
+    # A queue never "full enough" to skip the 300 ms wait caps the rate far below the offered load.
+    srv = Server(
+        models_dir,
+        tmp_path / "serve.log",
+        queue_size=32,
+        request_timeout_s=1,
+        max_batch_size=64,
+        max_wait_ms=300,
+    )
+    try:
+        # Small windows: each request makes several, so the load is many times the capacity.
+        bodies = [
+            {
+                "question": "When did it open?",
+                "context": f"The bridge opened in {1800 + i}. " * 20,
+                "max_seq_len": 32,
+                "doc_stride": 4,
+            }
+            for i in range(50)
+        ]
+        statuses, latencies, lost = asyncio.run(
+            open_loop(srv.url, "/v1/models/qa-torch/qa", bodies, rate=150, seconds=4, client_timeout=10)
+        )
+        assert lost == [] and sum(statuses.values()) == 600
+        assert set(statuses) <= {200, 429, 504} and statuses[200] > 0 and statuses[429] > 0
+        assert max(latencies) < 1 + 1.0  # admitted requests end within the deadline (plus scheduling slack)
+        assert httpx.get(srv.url + "/ready").status_code == 200
+    finally:
+        srv.stop()

@@ -1,0 +1,130 @@
+"""Overload soak: open-loop load at a multiple of the measured capacity; nothing may hang or be lost.
+
+python -m service.soak --artifact OUT --data dev-v2.0.json [--factor 2] [--seconds 60]
+
+Every request must end in 200, 429 (queue full) or 504 (deadline); admitted requests must finish
+within the deadline; the server's RSS must come back to its baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def open_loop(
+    url: str, path: str, bodies: list[dict], rate: float, seconds: float, client_timeout: float
+):
+    """Send at `rate` per second for `seconds`, whatever the answers.
+
+    Returns (statuses, latencies of the 200s, lost requests)."""
+    statuses: Counter = Counter()
+    latencies: list[float] = []
+    lost: list[str] = []
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=url, timeout=client_timeout, limits=limits) as client:
+
+        async def one(body):
+            start = time.perf_counter()
+            try:
+                r = await client.post(path, json=body)
+            except Exception as exc:  # a hang (client timeout) or a dropped connection: lost
+                lost.append(type(exc).__name__)
+                return
+            statuses[r.status_code] += 1
+            if r.status_code == 200:
+                latencies.append(time.perf_counter() - start)
+
+        tasks = []
+        start = time.perf_counter()
+        n = int(rate * seconds)
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(bodies[i % len(bodies)])))
+        await asyncio.gather(*tasks)
+    return statuses, latencies, lost
+
+
+def main(argv: list[str] | None = None) -> int:
+    from service.bench import load, load_questions, start
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifact", required=True)
+    p.add_argument("--data", required=True, help="SQuAD v2 dev JSON")
+    p.add_argument("--factor", type=float, default=2.0, help="load as a multiple of the measured capacity")
+    p.add_argument("--seconds", type=float, default=60)
+    p.add_argument("--timeout", type=float, default=5.0, help="PRUNE_SERVE_REQUEST_TIMEOUT_S")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+
+    artifact = Path(args.artifact).resolve()
+    models = Path(tempfile.mkdtemp(prefix="prune-serve-soak-"))
+    (models / artifact.name).symlink_to(artifact)
+    url, path = "http://127.0.0.1:18081", f"/v1/models/{artifact.name}/qa"
+    env = {
+        "PRUNE_SERVE_MODELS_DIR": str(models),
+        "PRUNE_SERVE_REQUEST_TIMEOUT_S": str(args.timeout),
+        "PRUNE_SERVE_QUEUE_SIZE": "256",
+    }
+    bodies = load_questions(Path(args.data), 512)
+    proc = start(
+        [sys.executable, "-m", "service.cli", "--port", "18081", "--log-level", "warning"], env, url, "/ready"
+    )
+    try:
+        capacity, _ = asyncio.run(load(url, path, bodies[:128], 16))
+        baseline = rss_mb(proc.pid)
+        rate = args.factor * capacity
+        statuses, latencies, lost = asyncio.run(
+            open_loop(url, path, bodies, rate, args.seconds, args.timeout * 3)
+        )
+        peak = rss_mb(proc.pid)
+        time.sleep(5)
+        after = rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        shutil.rmtree(models, ignore_errors=True)
+    lat = np.array(latencies) * 1000 if latencies else np.array([0.0])
+    figures = {
+        "capacity_qps": capacity,
+        "offered_qps": rate,
+        "seconds": args.seconds,
+        "sent": int(rate * args.seconds),
+        "statuses": dict(statuses),
+        "lost": len(lost),
+        "admitted_p50_ms": float(np.percentile(lat, 50)),
+        "admitted_p99_ms": float(np.percentile(lat, 99)),
+        "admitted_max_ms": float(lat.max()),
+        "deadline_ms": args.timeout * 1000,
+        "rss_mb": {"baseline": baseline, "peak": peak, "after": after},
+        "threads": os.cpu_count(),
+    }
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    ok = not lost and set(statuses) <= {200, 429, 504} and lat.max() <= args.timeout * 1000 + 500
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
