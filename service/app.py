@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,7 +32,7 @@ from service.errors import (
 )
 from service.handlers import ClientGone, Runtime, run_classify, run_qa
 from service.metrics import Metrics
-from service.registry import ServedModel, load_models
+from service.registry import Reload, ServedModel, load_models, reload_models
 from service.schemas import (
     ClassifyItem,
     ClassifyRequest,
@@ -190,7 +192,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         models = load_models(settings)
         batcher = Batcher(metrics)
-        for model in models.values():
+
+        def serve(model: ServedModel, replacing: ServedModel | None = None) -> None:
             limits = BatchLimits(
                 max_batch_size=settings.max_batch_size,
                 max_batch_tokens=settings.batch_tokens_for(model.backend.device),
@@ -199,11 +202,43 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 length_grouping=settings.length_grouping,
             )
             batcher.register(model.name, model.backend.run, model.pad_id, limits)
+            if replacing is not None:
+                retire(replacing)
             metrics.model_info.labels(model.name, model.variant, model.backend.name, str(model.params)).set(1)
-            metrics.queue_depth.labels(model.name).set(0)
+            metrics.queue_depth.labels(model.name).set(batcher.depth(model.name))
+
+        def retire(model: ServedModel) -> None:
+            labels = (model.name, model.variant, model.backend.name, str(model.params))
+            with suppress(KeyError):
+                metrics.model_info.remove(*labels)
+
+        for model in models.values():
+            serve(model)
         batcher.start()
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
-        state.update(models=models, runtime=Runtime(settings, metrics, batcher, pool), ready=True)
+        reload_lock = asyncio.Lock()
+
+        async def reload() -> Reload:
+            async with reload_lock:
+                result = await asyncio.to_thread(reload_models, settings, state["models"])
+                for name in result.loaded:
+                    serve(result.models[name], state["models"].get(name))
+                for name in result.removed:
+                    retire(state["models"][name])
+                state["models"] = result.models
+                for name in result.failed:
+                    metrics.errors.labels(name if name in result.models else "", "reload_failed").inc()
+                return result
+
+        state.update(
+            models=models, runtime=Runtime(settings, metrics, batcher, pool), ready=True, reload=reload
+        )
+        with suppress(
+            NotImplementedError, RuntimeError, AttributeError
+        ):  # no SIGHUP off the main thread / Unix
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, lambda: asyncio.ensure_future(reload())
+            )
         log.info("ready: %s", ", ".join(f"{m.name} ({m.backend.name})" for m in models.values()))
         try:
             yield
@@ -317,6 +352,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/models", dependencies=keyed, response_model=ModelsResponse, responses={401: ERRORS[401]})
     async def list_models():
         return {"models": [m.describe() for m in state["models"].values()]}
+
+    @app.post(
+        "/v1/admin/reload",
+        dependencies=keyed,
+        tags=["ops"],
+        responses={
+            401: ERRORS[401],
+            500: {"description": "some artifact failed to load; the old model serves"},
+        },
+    )
+    async def reload_models_route():
+        """Load new and changed artifacts (as SIGHUP does); a failed one leaves the old model serving."""
+        runtime()
+        result = await state["reload"]()
+        body = {
+            "loaded": result.loaded,
+            "unchanged": result.unchanged,
+            "removed": result.removed,
+            "failed": result.failed,
+        }
+        if result.failed:
+            message = "; ".join(f"{name}: {why}" for name, why in result.failed.items())
+            return JSONResponse({"error": {"type": "reload_failed", "message": message}, "reload": body}, 500)
+        return body
 
     qa_errors = {c: ERRORS[c] for c in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
 

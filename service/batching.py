@@ -109,8 +109,13 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="inference-worker", daemon=True)
 
     def register(self, name: str, runner: Runner, pad_id: int, limits: BatchLimits) -> None:
+        """Add a model, or swap in a reloaded one: windows already queued stay and run on the new runner."""
         with self._cond:
-            self._queues[name] = _ModelQueue(name, runner, pad_id, limits)
+            queue = self._queues.get(name)
+            if queue is None:
+                self._queues[name] = _ModelQueue(name, runner, pad_id, limits)
+            else:
+                queue.runner, queue.pad_id, queue.limits = runner, pad_id, limits
 
     def start(self) -> None:
         self._thread.start()

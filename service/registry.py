@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from packer.arch import QA
@@ -33,6 +34,7 @@ class ServedModel:
     tokenizer: object
     config: PackedConfig
     params: int
+    fingerprint: str = ""  # sha256 of pack.json, which holds the sha256 of every other file
 
     @property
     def pad_id(self) -> int:
@@ -118,6 +120,7 @@ def load_model(path: Path, settings: Settings, on_cuda: bool) -> ServedModel:
             tokenizer=load_tokenizer(path),
             config=config,
             params=int(manifest.get("params", {}).get("after", 0)),
+            fingerprint=fingerprint(path),
         )
         warm_up(model)
     except PackerError as exc:
@@ -126,6 +129,51 @@ def load_model(path: Path, settings: Settings, on_cuda: bool) -> ServedModel:
     return model
 
 
+def fingerprint(path: Path) -> str:
+    try:
+        return hashlib.sha256((path / "pack.json").read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
 def load_models(settings: Settings) -> dict[str, ServedModel]:
     on_cuda = settings.device in ("auto", "cuda") and cuda_available()
     return {p.name: load_model(p, settings, on_cuda) for p in discover(settings.models_dir)}
+
+
+@dataclass
+class Reload:
+    loaded: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # name -> why; the old model (if any) stays
+    models: dict[str, ServedModel] = field(default_factory=dict)
+
+
+def reload_models(settings: Settings, current: dict[str, ServedModel]) -> Reload:
+    """New and changed artifacts are loaded and warmed up; one that fails leaves the old model serving."""
+    result = Reload(models=dict(current))
+    try:
+        paths = discover(settings.models_dir)
+    except RegistryError as exc:
+        result.failed["*"] = f"{exc}; every model stays as it was"
+        return result
+    on_cuda = settings.device in ("auto", "cuda") and cuda_available()
+    for path in paths:
+        old = current.get(path.name)
+        if old is not None and old.fingerprint == fingerprint(path):
+            result.unchanged.append(path.name)
+            continue
+        try:
+            result.models[path.name] = load_model(path, settings, on_cuda)
+            result.loaded.append(path.name)
+        except RegistryError as exc:
+            kept = "keeping the old model" if old else "not served"
+            log.error("reload of %s failed, %s: %s", path.name, kept, exc)
+            result.failed[path.name] = str(exc)
+    on_disk = {p.name for p in paths}
+    for name in list(result.models):
+        if name not in on_disk:
+            del result.models[name]
+            result.removed.append(name)
+    return result

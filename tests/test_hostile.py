@@ -39,7 +39,7 @@ HOSTILE = [
         413,
     ),
     (
-        "90k-char context",
+        "200k-char context",
         "/v1/models/qa/qa",
         json.dumps({"question": "q", "context": "word " * 40_000}).encode(),
         422,

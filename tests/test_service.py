@@ -309,3 +309,52 @@ def test_disconnect_drops_windows_and_sigterm_drains(models_dir, tmp_path):
         assert srv.proc.wait(30) == 0
     finally:
         srv.stop()
+
+
+def test_reload_swaps_changed_models_and_keeps_the_old_one_when_loading_fails(models_dir, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(models_dir / "qa-torch", root / "m")
+    srv = Server(root, tmp_path / "serve.log", api_key=KEY)
+    try:
+        body = {"question": "When did the bridge open?", "context": "The bridge opened in 1883."}
+
+        def variant():
+            return httpx.get(srv.url + "/v1/models", headers=AUTH).json()["models"][0]["variant"]
+
+        assert variant() == "torch"
+        r = httpx.post(srv.url + "/v1/admin/reload", headers=AUTH)
+        assert r.status_code == 200 and r.json()["unchanged"] == ["m"] and r.json()["loaded"] == []
+        assert httpx.post(srv.url + "/v1/admin/reload").status_code == 401
+
+        # A new artifact version (here: one with ONNX variants) is loaded, warmed up and swapped in.
+        shutil.rmtree(root / "m")
+        shutil.copytree(models_dir / "qa", root / "m")
+        r = httpx.post(srv.url + "/v1/admin/reload", headers=AUTH)
+        assert r.status_code == 200 and r.json()["loaded"] == ["m"], r.text
+        assert variant() == "onnx-int8"
+        assert srv.metric("prune_serve_model_info", model="m", variant="onnx-int8") == 1
+        assert srv.metric("prune_serve_model_info", model="m", variant="torch") == 0
+
+        # A broken new version: the reload fails, says why, and the old model keeps answering.
+        manifest = json.loads((root / "m" / "pack.json").read_text())
+        manifest["files"]["model.int8.onnx"] = "0" * 64
+        (root / "m" / "pack.json").write_text(json.dumps(manifest))
+        r = httpx.post(srv.url + "/v1/admin/reload", headers=AUTH)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "reload_failed"
+        assert "model.int8.onnx: sha256" in r.json()["error"]["message"]
+        assert variant() == "onnx-int8"
+        answer = post(srv, "/v1/models/m/qa", body, AUTH)
+        assert answer.status_code == 200 and answer.json()["results"][0]["answers"]
+
+        # SIGHUP reloads too: a second model appears.
+        shutil.copytree(models_dir / "qa-torch", root / "second")
+        srv.proc.send_signal(1)
+        deadline = time.monotonic() + 30
+        names = []
+        while time.monotonic() < deadline and "second" not in names:
+            time.sleep(0.2)
+            names = [m["name"] for m in httpx.get(srv.url + "/v1/models", headers=AUTH).json()["models"]]
+        assert "second" in names
+        assert post(srv, "/v1/models/second/qa", body, AUTH).status_code == 200
+    finally:
+        srv.stop()
