@@ -9,6 +9,7 @@ compute pools never compete for the cores.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -52,6 +53,20 @@ class BatchLimits:
     length_grouping: bool = True
 
 
+def release_free_memory() -> None:
+    """Hand freed heap back to the OS when the queue goes idle (glibc keeps it otherwise, so RSS stays
+    at its high-water mark after a burst)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 Runner = Callable[[np.ndarray, np.ndarray, np.ndarray | None], dict[str, np.ndarray]]
 
 
@@ -106,6 +121,7 @@ class Batcher:
         self._queues: dict[str, _ModelQueue] = {}
         self._cond = threading.Condition()
         self._stopping = False
+        self._ran_since_trim = False
         self._thread = threading.Thread(target=self._loop, name="inference-worker", daemon=True)
 
     def register(self, name: str, runner: Runner, pad_id: int, limits: BatchLimits) -> None:
@@ -157,6 +173,9 @@ class Batcher:
                 if not waiting:
                     if self._stopping:
                         return None
+                    if self._ran_since_trim:
+                        self._ran_since_trim = False
+                        release_free_memory()
                     self._cond.wait()
                     continue
                 queue = min(waiting, key=lambda q: q.items[0].enqueued)
@@ -171,6 +190,7 @@ class Batcher:
                 chosen = {id(it) for it in batch}
                 queue.items = deque(it for it in queue.items if id(it) not in chosen)
                 self.metrics.queue_depth.labels(queue.name).set(len(queue.items))
+                self._ran_since_trim = True
                 return queue, batch
 
     def _loop(self) -> None:
