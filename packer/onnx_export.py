@@ -195,7 +195,11 @@ def feeds(batches: Iterable[dict[str, torch.Tensor]], names: list[str]) -> Itera
 
 
 def session(
-    path: Path, threads: int | None = None, providers: list[str] | None = None, spinning: bool = True
+    path: Path,
+    threads: int | None = None,
+    providers: list[str] | None = None,
+    spinning: bool = True,
+    memory_arena: bool = True,
 ):
     import onnxruntime as ort
 
@@ -205,6 +209,8 @@ def session(
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if not memory_arena:  # buffers go back to the allocator after each run instead of a growing arena
+        options.enable_cpu_mem_arena = False
     if not spinning:  # idle compute threads yield the cores (to tokenization and HTTP) instead of spinning
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:

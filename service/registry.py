@@ -110,6 +110,7 @@ def load_model(path: Path, settings: Settings, on_cuda: bool) -> ServedModel:
             strict=settings.strict_device,
             threads=settings.threads,
             spinning=settings.ort_spinning,
+            memory_arena=settings.ort_memory_arena,
         )
         model = ServedModel(
             name=path.name,

@@ -17,6 +17,9 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda")
     strict_device: bool = Field(False, description="fail instead of falling back to cpu when cuda is missing")
     threads: int | None = Field(None, ge=1, description="compute threads of the one inference worker")
+    ort_memory_arena: bool = Field(
+        True, description="ONNX Runtime's CPU memory arena (faster; keeps its high-water mark after bursts)"
+    )
     ort_spinning: bool = Field(
         True, description="let ONNX Runtime's idle threads spin (faster alone, slower beside tokenization)"
     )

@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--timeout", type=float, default=5.0, help="PRUNE_SERVE_REQUEST_TIMEOUT_S")
     p.add_argument("--json")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra server settings")
     args = p.parse_args(argv)
 
     artifact = Path(args.artifact).resolve()
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "PRUNE_SERVE_MODELS_DIR": str(models),
         "PRUNE_SERVE_REQUEST_TIMEOUT_S": str(args.timeout),
         "PRUNE_SERVE_QUEUE_SIZE": "256",
+        **dict(e.split("=", 1) for e in args.env),
     }
     bodies = load_questions(Path(args.data), 512)
     proc = start(

@@ -36,6 +36,7 @@ def open_backend(
     strict: bool = False,
     threads: int | None = None,
     spinning: bool = True,
+    memory_arena: bool = True,
 ) -> Backend:
     """Load one variant of an artifact on a device ('auto', 'cpu', 'cuda')."""
     if variant == "torch":
@@ -56,7 +57,13 @@ def open_backend(
         )
     verify_checksums(Path(artifact), manifest, [VARIANT_FILES[variant]])
     return OrtBackend(
-        Path(artifact), variant, device=device, strict=strict, threads=threads, spinning=spinning
+        Path(artifact),
+        variant,
+        device=device,
+        strict=strict,
+        threads=threads,
+        spinning=spinning,
+        memory_arena=memory_arena,
     )
 
 

@@ -21,6 +21,7 @@ class OrtBackend:
         strict: bool = False,
         threads: int | None = None,
         spinning: bool = True,
+        memory_arena: bool = True,
     ):
         import onnxruntime as ort
 
@@ -42,7 +43,11 @@ class OrtBackend:
         self.name = f"ort-{self.device}-{self.dtype}"
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else None
         self.session = session(
-            Path(artifact) / VARIANT_FILES[variant], threads or default_threads(), providers, spinning
+            Path(artifact) / VARIANT_FILES[variant],
+            threads or default_threads(),
+            providers,
+            spinning,
+            memory_arena,
         )
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
