@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from packer.tasks.padding import pad
 from service.errors import DeadlineExceeded, InferenceFailed, QueueFull
 from service.metrics import Metrics
 
@@ -68,20 +69,6 @@ def release_free_memory() -> None:
 
 _malloc_trim = None
 Runner = Callable[[np.ndarray, np.ndarray, np.ndarray | None], dict[str, np.ndarray]]
-
-
-def pad(items: list, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
-    """Right-pad windows (anything with input_ids, token_type_ids, length) into one batch."""
-    longest = max(it.length for it in items)
-    ids = np.full((len(items), longest), pad_id, dtype=np.int64)
-    mask = np.zeros((len(items), longest), dtype=np.int64)
-    types = np.zeros((len(items), longest), dtype=np.int64) if items[0].token_type_ids is not None else None
-    for row, it in enumerate(items):
-        ids[row, : it.length] = it.input_ids
-        mask[row, : it.length] = 1
-        if types is not None and it.token_type_ids is not None:
-            types[row, : it.length] = it.token_type_ids
-    return ids, mask, types, longest
 
 
 def select(queue: deque[WorkItem], limits: BatchLimits) -> list[WorkItem]:

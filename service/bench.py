@@ -100,7 +100,8 @@ def bare_backend(artifact: Path, questions: list[dict], threads: int, limits, cl
     from packer.artifact import load_tokenizer
     from packer.backends import choose_variant, open_backend, present_variants
     from packer.tasks import qa
-    from service.batching import WorkItem, pad, select
+    from packer.tasks.padding import pad
+    from service.batching import WorkItem, select
 
     variant = choose_variant("auto", present_variants(artifact), False)
     backend = open_backend(artifact, variant, device="cpu", threads=threads)

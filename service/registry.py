@@ -14,7 +14,7 @@ from packer.errors import PackerError
 from packer.modeling import PackedConfig
 from packer.samples import QA_PAIRS, SENTENCES
 from packer.tasks import classify, qa
-from service.batching import pad
+from packer.tasks.padding import pad
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,8 @@ import pytest
 
 import packer
 from packer.tasks import classify, qa
-from service.batching import BatchLimits, WorkItem, pad, select
+from packer.tasks.padding import pad
+from service.batching import BatchLimits, WorkItem, select
 
 
 @pytest.fixture(scope="module")

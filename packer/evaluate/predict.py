@@ -11,12 +11,12 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from packer.errors import PackerError
 from packer.evaluate.squad import questions
 from packer.tasks import classify, qa
+from packer.tasks.padding import pad
 
 BATCH_TOKENS = 1024
 BATCH_SIZE = 32
@@ -39,15 +39,7 @@ def _batches(windows: list, pad_id: int):
                 batch.append(i)
                 continue
         if batch:
-            longest = max(windows[j].length for j in batch)
-            ids = np.full((len(batch), longest), pad_id, dtype=np.int64)
-            mask = np.zeros_like(ids)
-            types = np.zeros_like(ids) if windows[batch[0]].token_type_ids is not None else None
-            for row, j in enumerate(batch):
-                w = windows[j]
-                ids[row, : w.length], mask[row, : w.length] = w.input_ids, 1
-                if types is not None:
-                    types[row, : w.length] = w.token_type_ids
+            ids, mask, types, _ = pad([windows[j] for j in batch], pad_id)
             yield list(batch), (ids, mask, types)
         batch = [i] if i is not None else []
 
