@@ -5,19 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from packer.errors import PackerError
 
 log = logging.getLogger("prune-pack")
-
-
-def _set_threads(threads: int | None) -> None:
-    import torch
-
-    torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
 def cmd_pack(args) -> int:

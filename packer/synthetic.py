@@ -44,20 +44,6 @@ class PrunePlan:
     ffn_output_only: dict[int, list[int]] = field(default_factory=dict)  # W2 columns only
     unstructured: float = 0.0  # fraction of the remaining encoder weights zeroed at random
 
-    def removed_heads(self, layer: int) -> set[int]:
-        return (
-            set(self.heads.get(layer, []))
-            | set(self.heads_value_only.get(layer, []))
-            | set(self.heads_output_only.get(layer, []))
-        )
-
-    def removed_ffn(self, layer: int) -> set[int]:
-        return (
-            set(self.ffn.get(layer, []))
-            | set(self.ffn_input_only.get(layer, []))
-            | set(self.ffn_output_only.get(layer, []))
-        )
-
 
 PROFILES = {
     "tiny": Shape(layers=4, hidden=32, heads=4, intermediate=64),

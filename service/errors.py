@@ -31,10 +31,6 @@ class PayloadTooLarge(ServiceError):
     status, type = 413, "payload_too_large"
 
 
-class UnsupportedMediaType(ServiceError):
-    status, type = 415, "unsupported_media_type"
-
-
 class InvalidInput(ServiceError):
     status, type = 422, "validation_error"
 
