@@ -100,6 +100,7 @@ class _ModelQueue:
         self.pad_id = pad_id
         self.limits = limits
         self.items: deque[WorkItem] = deque()
+        self.tokens = 0  # sum of the queued windows' lengths, kept up to date instead of re-summed
 
 
 class Batcher:
@@ -140,6 +141,7 @@ class Batcher:
                     {"Retry-After": "1"},
                 )
             queue.items.extend(items)
+            queue.tokens += sum(it.length for it in items)
             self.metrics.queue_depth.labels(name).set(len(queue.items))
             self._cond.notify()
 
@@ -168,14 +170,14 @@ class Batcher:
                 queue = min(waiting, key=lambda q: q.items[0].enqueued)
                 limits = queue.limits
                 waited_ms = (time.monotonic() - queue.items[0].enqueued) * 1000
-                queued_tokens = sum(it.length for it in queue.items)
-                light = len(queue.items) < limits.max_batch_size and queued_tokens < limits.max_batch_tokens
+                light = len(queue.items) < limits.max_batch_size and queue.tokens < limits.max_batch_tokens
                 if light and waited_ms < limits.max_wait_ms and not self._stopping:
                     self._cond.wait((limits.max_wait_ms - waited_ms) / 1000)
                     continue
                 batch = select(queue.items, limits)
                 chosen = {id(it) for it in batch}
                 queue.items = deque(it for it in queue.items if id(it) not in chosen)
+                queue.tokens -= sum(it.length for it in batch)
                 self.metrics.queue_depth.labels(queue.name).set(len(queue.items))
                 self._ran_since_trim = True
                 return queue, batch
