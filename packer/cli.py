@@ -167,7 +167,10 @@ def cmd_eval_squad2(args) -> int:
     from packer.tasks.qa import QAOptions
 
     options = QAOptions(
-        max_seq_len=args.max_seq_len, doc_stride=args.doc_stride, max_answer_len=args.max_answer_len
+        max_seq_len=args.max_seq_len,
+        doc_stride=args.doc_stride,
+        max_answer_len=args.max_answer_len,
+        align_to_words=args.align_to_words,
     )
     articles = [a for a in (args.articles or "").split(",") if a] or None
     result = eval_squad2(_target(args), args.data, options, articles, args.limit, progress=not args.quiet)
@@ -306,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-seq-len", type=int, default=384)
     q.add_argument("--doc-stride", type=int, default=128)
     q.add_argument("--max-answer-len", type=int, default=30)
+    q.add_argument(
+        "--align-to-words",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="widen answers to whole words of the context (the HF pipeline's default)",
+    )
     q.set_defaults(func=cmd_eval_squad2)
     c = tasks.add_parser("sst2", parents=[common, target], help="accuracy on SST-2 dev.tsv")
     c.add_argument("--rows", help="FIRST-LAST data rows, 1-based (e.g. 601-872, a held-out split)")

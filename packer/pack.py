@@ -80,6 +80,14 @@ def load_source_tokenizer(source: Source, override: str | None):
         raise CheckpointError(f"cannot load the tokenizer from {location}: {exc}") from exc
     if not getattr(tokenizer, "is_fast", False):
         raise CheckpointError(f"the tokenizer at {location} has no fast version; character offsets need one")
+    rows = int(source.config["vocab_size"])
+    if len(tokenizer) > rows:
+        # Served, such a token would index past the embedding table and fail every window batched with it.
+        raise CheckpointError(
+            f"the tokenizer at {location} has {len(tokenizer)} tokens (ids up to {len(tokenizer) - 1}), "
+            f"but the model's embedding table has {rows} rows (vocab_size); use the model's own tokenizer "
+            "(--tokenizer)"
+        )
     return tokenizer
 
 

@@ -195,7 +195,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         def serve(model: ServedModel, replacing: ServedModel | None = None) -> None:
             limits = BatchLimits(
-                max_batch_size=settings.max_batch_size,
+                # A backend that runs each window alone gains nothing from batches: schedule windows singly.
+                max_batch_size=1 if model.backend.per_window else settings.max_batch_size,
                 max_batch_tokens=settings.batch_tokens_for(model.backend.device),
                 max_wait_ms=settings.max_wait_ms,
                 queue_size=settings.queue_size,

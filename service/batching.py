@@ -1,15 +1,23 @@
-"""The batching engine: bounded per-model queues of windows, batches under a token budget, one worker.
+"""The batching engine: per-model queues of windows, fair across requests and models, one worker.
 
-Windows, not requests, are queued, so one long context cannot hold short questions back. A batch
-always takes the oldest window (no starvation) and then the windows closest to it in length
-(less padding), up to max_batch_size windows and max_batch_tokens padded tokens. The worker waits
-max_wait_ms for more only when the queue is light. One worker thread runs every model, so
-compute pools never compete for the cores.
+Scheduling (what the README promises):
+- Across models, the worker serves the model that has used the least inference time so far (a model
+  that was idle starts level with the busiest waiting one, not with a credit), so one model's backlog
+  cannot starve another.
+- Within a model, each request is a flow. A batch is led by the oldest window of the flow that has been
+  served the fewest tokens (oldest request on ties); a request arriving behind a big one starts level
+  with the least-served waiting flow, so it waits at most about one batch, not for every window of the
+  big request.
+- The rest of the batch is filled, within max_batch_size windows and max_batch_tokens padded tokens,
+  from the flows' next windows nearest in length to the leader (length grouping) or in served order.
+- A batch that fails is re-run flow by flow so that only the request that broke it fails.
+One worker thread runs every model, so compute pools never compete for the cores.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import threading
 import time
@@ -28,7 +36,14 @@ log = logging.getLogger(__name__)
 
 # Outputs with one value per token are cut back to each window's length.
 TOKEN_OUTPUTS = ("start_logits", "end_logits")
-SCAN_FACTOR = 4  # how far into the queue length grouping looks, in batches
+SCAN_FACTOR = 4  # how many next windows length grouping looks at, in batches
+
+_flow_ids = itertools.count(1)
+
+
+def new_flow() -> int:
+    """A key for one request's windows (fairness is per flow)."""
+    return next(_flow_ids)
 
 
 @dataclass
@@ -37,6 +52,7 @@ class WorkItem:
     attention_mask: np.ndarray
     token_type_ids: np.ndarray | None
     deadline: float
+    flow: int = 0
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -52,6 +68,89 @@ class BatchLimits:
     max_wait_ms: float = 2.0
     queue_size: int = 2048
     length_grouping: bool = True
+
+
+@dataclass
+class _Flow:
+    key: int
+    arrival: int
+    served: int  # tokens served so far (the fairness clock)
+    items: deque[WorkItem] = field(default_factory=deque)
+
+
+class FairQueue:
+    """The windows of one model, as flows (one per request); no threads, so tests and benchmarks replay it."""
+
+    def __init__(self, limits: BatchLimits):
+        self.limits = limits
+        self._flows: dict[int, _Flow] = {}
+        self._arrivals = itertools.count()
+        self._clock = 0  # served tokens of the least-served flow when the queue was last busy
+        self.windows = 0
+        self.tokens = 0
+
+    def __len__(self) -> int:
+        return self.windows
+
+    def add(self, items: list[WorkItem], flow: int | None = None) -> None:
+        for it in items:
+            key = it.flow if flow is None else flow
+            f = self._flows.get(key)
+            if f is None:
+                # A new flow starts level with the least-served waiting one: no credit for having been idle.
+                level = min((g.served for g in self._flows.values()), default=self._clock)
+                f = self._flows[key] = _Flow(key, next(self._arrivals), level)
+            f.items.append(it)
+            self.windows += 1
+            self.tokens += it.length
+
+    def oldest(self) -> float:
+        return min(f.items[0].enqueued for f in self._flows.values())
+
+    def take(self) -> list[WorkItem]:
+        """The next batch: the least-served flow's next window, then others that fit (see module doc)."""
+        limits = self.limits
+        order = sorted(self._flows.values(), key=lambda f: (f.served, f.arrival))
+        lead_flow = order[0]
+        lead = lead_flow.items[0]
+        # Candidates in fair order: round r holds each flow's r-th window, least-served flow first.
+        # The leader is its flow's oldest window; the rest may be any window in reach (length grouping).
+        room = limits.max_batch_size * SCAN_FACTOR
+        candidates: list[tuple[int, _Flow, WorkItem]] = []
+        for r in range(min(room, max(len(f.items) for f in order))):
+            for f in order:
+                if r < len(f.items) and not (f is lead_flow and r == 0):
+                    candidates.append((r, f, f.items[r]))
+            if len(candidates) >= room:
+                break
+        if limits.length_grouping:
+            candidates.sort(key=lambda c: abs(c[2].length - lead.length))  # stable: fair order on ties
+        batch, longest = [lead], lead.length
+        chosen: dict[int, set[int]] = {lead_flow.key: {id(lead)}}
+        for _, f, it in candidates:
+            if len(batch) >= limits.max_batch_size:
+                break
+            new_longest = max(longest, it.length)
+            if new_longest * (len(batch) + 1) > limits.max_batch_tokens:
+                if limits.length_grouping:
+                    continue
+                break
+            batch.append(it)
+            chosen.setdefault(f.key, set()).add(id(it))
+            longest = new_longest
+        for key, ids in chosen.items():
+            f = self._flows[key]
+            f.items = deque(it for it in f.items if id(it) not in ids)
+            size = sum(it.length for it in batch if id(it) in ids)
+            f.served += size
+            self.tokens -= size
+            if not f.items:
+                del self._flows[key]
+        self.windows -= len(batch)
+        self._clock = min(
+            (f.served for f in self._flows.values()), default=max(self._clock, lead_flow.served)
+        )
+        return batch
 
 
 def release_free_memory() -> None:
@@ -71,36 +170,17 @@ _malloc_trim = None
 Runner = Callable[[np.ndarray, np.ndarray, np.ndarray | None], dict[str, np.ndarray]]
 
 
-def select(queue: deque[WorkItem], limits: BatchLimits) -> list[WorkItem]:
-    """The oldest window, then those nearest to it in length, within the batch limits."""
-    oldest = queue[0]
-    candidates = [queue[i] for i in range(min(len(queue), limits.max_batch_size * SCAN_FACTOR))]
-    if limits.length_grouping:
-        rest = sorted(candidates[1:], key=lambda it: abs(it.length - oldest.length))
-        candidates = [oldest, *rest]
-    batch: list[WorkItem] = []
-    longest = 0
-    for it in candidates:
-        new_longest = max(longest, it.length)
-        if batch and (
-            len(batch) >= limits.max_batch_size or new_longest * (len(batch) + 1) > limits.max_batch_tokens
-        ):
-            if limits.length_grouping:
-                continue
-            break
-        batch.append(it)
-        longest = new_longest
-    return batch
-
-
 class _ModelQueue:
     def __init__(self, name: str, runner: Runner, pad_id: int, limits: BatchLimits):
         self.name = name
         self.runner = runner
         self.pad_id = pad_id
-        self.limits = limits
-        self.items: deque[WorkItem] = deque()
-        self.tokens = 0  # sum of the queued windows' lengths, kept up to date instead of re-summed
+        self.queue = FairQueue(limits)
+        self.used = 0.0  # inference seconds charged to this model (the fairness clock across models)
+
+    @property
+    def limits(self) -> BatchLimits:
+        return self.queue.limits
 
 
 class Batcher:
@@ -115,34 +195,38 @@ class Batcher:
     def register(self, name: str, runner: Runner, pad_id: int, limits: BatchLimits) -> None:
         """Add a model, or swap in a reloaded one: windows already queued stay and run on the new runner."""
         with self._cond:
-            queue = self._queues.get(name)
-            if queue is None:
+            model = self._queues.get(name)
+            if model is None:
                 self._queues[name] = _ModelQueue(name, runner, pad_id, limits)
             else:
-                queue.runner, queue.pad_id, queue.limits = runner, pad_id, limits
+                model.runner, model.pad_id, model.queue.limits = runner, pad_id, limits
 
     def start(self) -> None:
         self._thread.start()
 
     def depth(self, name: str) -> int:
         with self._cond:
-            return len(self._queues[name].items)
+            return len(self._queues[name].queue)
 
     def submit(self, name: str, items: list[WorkItem]) -> None:
-        """Queue all of a request's windows, or none of them (429) when they do not fit."""
+        """Queue all of a request's windows (one flow), or none of them (429) when they do not fit."""
         with self._cond:
-            queue = self._queues[name]
+            model = self._queues[name]
             if self._stopping:
                 raise QueueFull("the server is shutting down", {"Retry-After": "1"})
-            if len(queue.items) + len(items) > queue.limits.queue_size:
+            queued = len(model.queue)
+            if queued + len(items) > model.limits.queue_size:
                 raise QueueFull(
-                    f"model {name} has {len(queue.items)} windows queued (limit {queue.limits.queue_size}); "
-                    "retry later",
+                    f"model {name} has {queued} windows queued "
+                    f"(limit {model.limits.queue_size}); retry later",
                     {"Retry-After": "1"},
                 )
-            queue.items.extend(items)
-            queue.tokens += sum(it.length for it in items)
-            self.metrics.queue_depth.labels(name).set(len(queue.items))
+            if not queued:
+                # An idle model starts level with the busiest-served waiting one: no credit for idling.
+                busy = [m.used for m in self._queues.values() if len(m.queue) and m is not model]
+                model.used = max(model.used, min(busy, default=model.used))
+            model.queue.add(items)
+            self.metrics.queue_depth.labels(name).set(len(model.queue))
             self._cond.notify()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -158,7 +242,7 @@ class Batcher:
     def _next_batch(self) -> tuple[_ModelQueue, list[WorkItem]] | None:
         with self._cond:
             while True:
-                waiting = [q for q in self._queues.values() if q.items]
+                waiting = [m for m in self._queues.values() if len(m.queue)]
                 if not waiting:
                     if self._stopping:
                         return None
@@ -167,30 +251,30 @@ class Batcher:
                         release_free_memory()
                     self._cond.wait()
                     continue
-                queue = min(waiting, key=lambda q: q.items[0].enqueued)
-                limits = queue.limits
-                waited_ms = (time.monotonic() - queue.items[0].enqueued) * 1000
-                light = len(queue.items) < limits.max_batch_size and queue.tokens < limits.max_batch_tokens
+                model = min(waiting, key=lambda m: (m.used, m.queue.oldest()))
+                limits, queue = model.limits, model.queue
+                waited_ms = (time.monotonic() - queue.oldest()) * 1000
+                light = len(queue) < limits.max_batch_size and queue.tokens < limits.max_batch_tokens
                 if light and waited_ms < limits.max_wait_ms and not self._stopping:
                     self._cond.wait((limits.max_wait_ms - waited_ms) / 1000)
                     continue
-                batch = select(queue.items, limits)
-                chosen = {id(it) for it in batch}
-                queue.items = deque(it for it in queue.items if id(it) not in chosen)
-                queue.tokens -= sum(it.length for it in batch)
-                self.metrics.queue_depth.labels(queue.name).set(len(queue.items))
+                batch = queue.take()
+                self.metrics.queue_depth.labels(model.name).set(len(queue))
                 self._ran_since_trim = True
-                return queue, batch
+                return model, batch
 
     def _loop(self) -> None:
         while (picked := self._next_batch()) is not None:
-            queue, batch = picked
+            model, batch = picked
+            start = time.perf_counter()
             try:
-                self._run(queue, batch)
+                self._run(model, batch)
             except Exception:  # never let the worker die: a broken batch fails only its own requests
-                log.exception("batch of model %s failed", queue.name)
+                log.exception("batch of model %s failed", model.name)
+            with self._cond:
+                model.used += time.perf_counter() - start
 
-    def _run(self, queue: _ModelQueue, batch: list[WorkItem]) -> None:
+    def _run(self, model: _ModelQueue, batch: list[WorkItem]) -> None:
         now = time.monotonic()
         live = []
         for it in batch:
@@ -201,25 +285,44 @@ class Batcher:
                 it.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
                 continue
             live.append(it)
-            self.metrics.queue_wait.labels(queue.name).observe(now - it.enqueued)
+            self.metrics.queue_wait.labels(model.name).observe(now - it.enqueued)
         if not live:
             return
-        ids, mask, types, _ = pad(live, queue.pad_id)
+        try:
+            self._infer(model, live)
+        except Exception:
+            flows = {it.flow for it in live}
+            if len(flows) == 1:
+                self._fail(model, live)
+                return
+            # Re-run request by request so that only the request that breaks the batch fails.
+            log.warning(
+                "a batch of model %s failed; re-running its %d requests one by one", model.name, len(flows)
+            )
+            self.metrics.batch_reruns.labels(model.name).inc()
+            for key in flows:
+                part = [it for it in live if it.flow == key]
+                try:
+                    self._infer(model, part)
+                except Exception:
+                    self._fail(model, part)
+
+    def _fail(self, model: _ModelQueue, items: list[WorkItem]) -> None:
+        log.exception("inference failed for %d windows of model %s", len(items), model.name)
+        error = InferenceFailed("inference failed on this request's windows; the server log has the cause")
+        for it in items:
+            it.future.set_exception(error)
+
+    def _infer(self, model: _ModelQueue, live: list[WorkItem]) -> None:
+        ids, mask, types, _ = pad(live, model.pad_id)
         real = int(mask.sum())
-        labels = queue.name
+        labels = model.name
+        start = time.perf_counter()
+        outputs = model.runner(ids, mask, types)
+        self.metrics.inference.labels(labels).observe(time.perf_counter() - start)
         self.metrics.batch_size.labels(labels).observe(len(live))
         self.metrics.batch_tokens.labels(labels).observe(ids.size)
         self.metrics.padding_ratio.labels(labels).observe(1 - real / ids.size)
-        start = time.perf_counter()
-        try:
-            outputs = queue.runner(ids, mask, types)
-        except Exception as exc:
-            log.exception("inference failed for a batch of %d windows of model %s", len(live), queue.name)
-            error = InferenceFailed(f"inference failed for this batch: {type(exc).__name__}: {exc}")
-            for it in live:
-                it.future.set_exception(error)
-            return
-        self.metrics.inference.labels(labels).observe(time.perf_counter() - start)
         for row, it in enumerate(live):
             it.future.set_result(
                 {

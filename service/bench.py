@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -94,48 +95,46 @@ def padding_ratio(url: str) -> float:
 def bare_backend(artifact: Path, questions: list[dict], threads: int, limits, clients: int) -> float:
     """The backend alone on the batch shapes the service forms for `clients` closed-loop clients.
 
-    The batches are replayed from the same policy (service.batching.select) over a queue that holds
-    the windows of `clients` outstanding questions, refilled as questions complete, as the service's is.
+    The batches are replayed from the same policy (service.batching.FairQueue, one flow per question)
+    over a queue that holds the windows of `clients` outstanding questions, refilled as questions
+    complete, as the service's is.
     """
     from packer.artifact import load_tokenizer
     from packer.backends import choose_variant, open_backend, present_variants
     from packer.tasks import qa
     from packer.tasks.padding import pad
-    from service.batching import WorkItem, select
+    from service.batching import FairQueue, WorkItem
 
     variant = choose_variant("auto", present_variants(artifact), False)
     backend = open_backend(artifact, variant, device="cpu", threads=threads)
+    if backend.per_window:  # as the service does
+        limits = dataclasses.replace(limits, max_batch_size=1)
     tokenizer = load_tokenizer(artifact)
     pad_id = tokenizer.pad_token_id or 0
     per_question = [
         qa.make_windows(tokenizer, q["question"], q["context"], qa.QAOptions()) for q in questions
     ]
     pending = deque(range(len(per_question)))
-    queue: deque[WorkItem] = deque()
+    queue = FairQueue(limits)
     left: dict[int, int] = {}
-    owner: dict[int, int] = {}
 
     def admit() -> None:
         while pending and len(left) < clients:
             q = pending.popleft()
             left[q] = len(per_question[q])
-            for w in per_question[q]:
-                item = WorkItem(w.input_ids, w.attention_mask, w.token_type_ids, deadline=1e18)
-                owner[id(item)] = q
-                queue.append(item)
+            queue.add(
+                [WorkItem(w.input_ids, w.attention_mask, w.token_type_ids, 1e18, q) for w in per_question[q]]
+            )
 
     admit()
     shapes = []
-    while queue:
-        batch = select(queue, limits)
-        chosen = {id(it) for it in batch}
-        queue = deque(it for it in queue if id(it) not in chosen)
+    while len(queue):
+        batch = queue.take()
         shapes.append(pad(batch, pad_id)[:3])
         for it in batch:
-            q = owner[id(it)]
-            left[q] -= 1
-            if not left[q]:
-                del left[q]
+            left[it.flow] -= 1
+            if not left[it.flow]:
+                del left[it.flow]
         admit()
     backend.run(*shapes[0])  # warm
     start = time.perf_counter()

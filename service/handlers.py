@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from packer.tasks import classify, qa
-from service.batching import Batcher, WorkItem
+from service.batching import Batcher, WorkItem, new_flow
 from service.errors import DeadlineExceeded, InvalidInput, PayloadTooLarge
 from service.metrics import Metrics
 from service.registry import ServedModel
@@ -53,13 +53,31 @@ def check_sizes(settings: Settings, count: int, texts: dict[str, str]) -> None:
             raise InvalidInput(f"{field}: {len(text)} characters, at most {settings.max_context_chars}")
 
 
-def submit(rt: Runtime, model: ServedModel, work: list[WorkItem]) -> None:
-    if len(work) > rt.settings.queue_size:  # could never be admitted: not a 429
+def make_work(rt: Runtime, model: ServedModel, windows: list, deadline: float) -> list[WorkItem]:
+    """One flow of work items for a request's windows, refused (413/422) when they could never run."""
+    settings, count = rt.settings, len(windows)
+    # Never admissible (not a 429): more than the whole queue holds, or more than one request may take.
+    if count > settings.queue_size:
         raise PayloadTooLarge(
-            f"this request makes {len(work)} windows, more than the queue holds ({rt.settings.queue_size}); "
+            f"this request makes {count} windows, more than the queue holds ({settings.queue_size}); "
             "send fewer or shorter contexts, or raise PRUNE_SERVE_QUEUE_SIZE"
         )
-    rt.batcher.submit(model.name, work)
+    if count > settings.max_windows_per_request:
+        raise PayloadTooLarge(
+            f"this request makes {count} windows, more than the limit of {settings.max_windows_per_request} "
+            "per request (PRUNE_SERVE_MAX_WINDOWS_PER_REQUEST); send fewer or shorter contexts, or a larger "
+            "max_seq_len or smaller doc_stride"
+        )
+    rows = model.config.vocab_size
+    for i, w in enumerate(windows):
+        # Refused here, before batching: an id past the embedding table would fail every window beside it.
+        if w.input_ids.size and int(w.input_ids.max()) >= rows:
+            raise InvalidInput(
+                f"the tokenizer produced token id {int(w.input_ids.max())} (window {i}), but model "
+                f"{model.name} has {rows} embedding rows; the artifact's tokenizer does not match its model"
+            )
+    flow = new_flow()
+    return [WorkItem(w.input_ids, w.attention_mask, w.token_type_ids, deadline, flow) for w in windows]
 
 
 async def _await_all(items: list[WorkItem], request: Request | None, deadline: float) -> list[dict]:
@@ -90,6 +108,7 @@ def _qa_options(body) -> qa.QAOptions:
         doc_stride=body.doc_stride,
         handle_impossible_answer=body.handle_impossible_answer,
         null_threshold=body.null_threshold,
+        align_to_words=body.align_to_words,
     )
 
 
@@ -115,8 +134,8 @@ async def run_qa(
     start = time.perf_counter()
     windows = await rt.off_loop(tokenize)
     rt.metrics.tokenize.labels(model.name).observe(time.perf_counter() - start)
-    work = [WorkItem(w.input_ids, w.attention_mask, w.token_type_ids, deadline) for ws in windows for w in ws]
-    submit(rt, model, work)
+    work = make_work(rt, model, [w for ws in windows for w in ws], deadline)
+    rt.batcher.submit(model.name, work)
     outputs = await _await_all(work, request, deadline)
 
     def postprocess():
@@ -159,8 +178,8 @@ async def run_classify(
     start = time.perf_counter()
     encoded = await rt.off_loop(tokenize)
     rt.metrics.tokenize.labels(model.name).observe(time.perf_counter() - start)
-    work = [WorkItem(e.input_ids, e.attention_mask, e.token_type_ids, deadline) for e in encoded]
-    submit(rt, model, work)
+    work = make_work(rt, model, encoded, deadline)
+    rt.batcher.submit(model.name, work)
     outputs = await _await_all(work, request, deadline)
     results = []
     for out in outputs:

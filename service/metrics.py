@@ -62,6 +62,12 @@ class Metrics:
         )
         self.queue_depth = Gauge("prune_serve_queue_depth", "windows waiting", ["model"], registry=r)
         self.in_flight = Gauge("prune_serve_in_flight_requests", "requests being handled", registry=r)
+        self.batch_reruns = Counter(
+            "prune_serve_batch_reruns_total",
+            "failed batches re-run request by request so that only the culprit fails",
+            ["model"],
+            registry=r,
+        )
         self.errors = Counter("prune_serve_errors_total", "errors by type", ["model", "type"], registry=r)
         self.model_info = Gauge(
             "prune_serve_model_info", "served models", ["model", "variant", "backend", "params"], registry=r

@@ -50,6 +50,7 @@ class ServedModel:
             "device": self.backend.device,
             "dtype": self.backend.dtype,
             "params": self.params,
+            "batch_invariant": self.backend.batch_invariant,
             "labels": [self.config.id2label[i] for i in sorted(self.config.id2label)]
             if self.task != QA
             else None,
@@ -111,6 +112,7 @@ def load_model(path: Path, settings: Settings, on_cuda: bool) -> ServedModel:
             threads=settings.threads,
             spinning=settings.ort_spinning,
             memory_arena=settings.ort_memory_arena,
+            int8_batching=settings.int8_batching,
         )
         model = ServedModel(
             name=path.name,

@@ -22,6 +22,7 @@ class QAOptionsIn(BaseModel):
     doc_stride: int = Field(128, ge=0, le=4096, description="tokens shared by consecutive windows")
     handle_impossible_answer: bool = True
     null_threshold: float = Field(0.0, allow_inf_nan=False)
+    align_to_words: bool = Field(True, description="widen answers to whole words of the context")
 
 
 class QARequest(QAOptionsIn):
@@ -124,6 +125,7 @@ class ModelOut(BaseModel):
     device: str
     dtype: str
     params: int
+    batch_invariant: bool = Field(description="a window's answer does not depend on what shares its batch")
     labels: list[str] | None = None
 
 

@@ -24,6 +24,11 @@ class Settings(BaseSettings):
         True, description="let ONNX Runtime's idle threads spin (faster alone, slower beside tokenization)"
     )
 
+    int8_batching: str = Field(
+        "per-window",
+        description="per-window: dynamic int8 runs one window at a time, so answers never depend on the "
+        "batch (as fast on CPU); batched: padded batches, NOT batch-invariant (/v1/models says so)",
+    )
     max_batch_size: int = Field(32, ge=1, description="windows per batch")
     max_batch_tokens: int = Field(
         0,
@@ -33,6 +38,9 @@ class Settings(BaseSettings):
     )
     max_wait_ms: float = Field(2.0, ge=0, description="wait for more windows, only when the queue is light")
     queue_size: int = Field(2048, ge=1, description="windows waiting, per model; beyond it requests get 429")
+    max_windows_per_request: int = Field(
+        1024, ge=1, description="windows one request may make (long contexts split into many); beyond it 413"
+    )
     length_grouping: bool = Field(True, description="batch windows of similar length together")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request; past it, 504")
 
@@ -55,6 +63,13 @@ class Settings(BaseSettings):
         allowed = {"auto", "torch", "onnx", "onnx-int8", "onnx-fp16"}
         if value not in allowed:
             raise ValueError(f"must be one of {', '.join(sorted(allowed))}")
+        return value
+
+    @field_validator("int8_batching")
+    @classmethod
+    def _int8_batching(cls, value: str) -> str:
+        if value not in ("per-window", "batched"):
+            raise ValueError("must be per-window or batched")
         return value
 
     @field_validator("device")

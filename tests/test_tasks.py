@@ -4,7 +4,7 @@ import pytest
 import packer
 from packer.tasks import classify, qa
 from packer.tasks.padding import pad
-from service.batching import BatchLimits, WorkItem, select
+from service.batching import BatchLimits, FairQueue, WorkItem
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,17 @@ def test_best_span_across_windows_and_null_decision(tokenizer):
     result = qa.answer(context, windows, logits, options)
     best = result.answers[0]
     assert context[best.start : best.end] == best.answer
+    # Whole words by default (the span widens to the words its first and last tokens are in) ...
     assert (best.start, best.end) == (
+        target.word_spans[target.context_start + 1][0],
+        target.word_spans[target.context_start + 3][1],
+    )
+    assert context[best.start - 1] == " " and context[best.end] == " "
+    # ... exactly the tokens' characters without alignment.
+    raw = qa.answer(
+        context, windows, logits, qa.QAOptions(max_seq_len=32, doc_stride=8, align_to_words=False)
+    )
+    assert (raw.answers[0].start, raw.answers[0].end) == (
         target.offsets[target.context_start + 1][0],
         target.offsets[target.context_start + 3][1],
     )
@@ -75,8 +85,14 @@ def test_classify_softmax_and_labels():
     assert sum(c.scores.values()) == pytest.approx(1.0)
 
 
-def item(length: int) -> WorkItem:
-    return WorkItem(np.arange(length), np.ones(length, dtype=np.int64), None, deadline=1e18)
+def item(length: int, flow: int = 0) -> WorkItem:
+    return WorkItem(np.arange(length), np.ones(length, dtype=np.int64), None, deadline=1e18, flow=flow)
+
+
+def select(items, limits: BatchLimits) -> list[WorkItem]:
+    queue = FairQueue(limits)
+    queue.add(list(items))
+    return queue.take()
 
 
 def test_batches_take_the_oldest_then_similar_lengths():

@@ -8,6 +8,7 @@ from packer.backends.base import Backend, BackendError
 
 CPU_PREFERENCE = ("onnx-int8", "onnx", "torch")
 CUDA_PREFERENCE = ("onnx-fp16", "torch")
+INT8_BATCHING = ("per-window", "batched")
 
 
 def choose_variant(requested: str, present: list[str], on_cuda: bool) -> str:
@@ -37,8 +38,15 @@ def open_backend(
     threads: int | None = None,
     spinning: bool = True,
     memory_arena: bool = True,
+    int8_batching: str = "per-window",
 ) -> Backend:
-    """Load one variant of an artifact on a device ('auto', 'cpu', 'cuda')."""
+    """Load one variant of an artifact on a device ('auto', 'cpu', 'cuda').
+
+    int8_batching: `per-window` (default) runs a dynamically quantized graph one window at a time, which
+    makes its answers independent of the batch; `batched` runs padded batches (not batch-invariant).
+    """
+    if int8_batching not in INT8_BATCHING:
+        raise BackendError(f"int8 batching {int8_batching!r} is not one of {', '.join(INT8_BATCHING)}")
     if variant == "torch":
         from packer.artifact import load
         from packer.backends.torch import TorchBackend
@@ -56,6 +64,7 @@ def open_backend(
             f"--{'onnx' if variant == 'onnx' else variant.split('-')[1]}"
         )
     verify_checksums(Path(artifact), manifest, [VARIANT_FILES[variant]])
+    dynamic = (manifest.get("variants") or {}).get(variant, {}).get("quantization") == "dynamic"
     return OrtBackend(
         Path(artifact),
         variant,
@@ -64,6 +73,7 @@ def open_backend(
         threads=threads,
         spinning=spinning,
         memory_arena=memory_arena,
+        per_window=dynamic and int8_batching == "per-window",
     )
 
 

@@ -21,12 +21,37 @@ class Backend(Protocol):
     name: str  # {engine}-{device}-{dtype}, e.g. ort-cpu-int8
     device: str  # cpu | cuda
     dtype: str  # fp32 | fp16 | int8
+    # Whether a window's logits are independent of what shares its batch (padding, other windows).
+    batch_invariant: bool
+    # True when run() executes each window alone (the batcher then forms batches of one).
+    per_window: bool
 
     def run(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None
     ) -> dict[str, np.ndarray]:
         """A padded batch in, float32 logits out (start_logits/end_logits or logits)."""
         ...
+
+
+def run_per_window(run, input_ids, attention_mask, token_type_ids) -> dict[str, np.ndarray]:
+    """Run each row alone, cut to its own length, and pad the outputs back (batch invariance for graphs
+    whose numerics depend on the whole batch, such as dynamic int8's per-tensor activation scales)."""
+    rows = []
+    for r in range(input_ids.shape[0]):
+        n = int(attention_mask[r].sum()) or input_ids.shape[1]
+        types = None if token_type_ids is None else token_type_ids[r : r + 1, :n]
+        rows.append(run(input_ids[r : r + 1, :n], attention_mask[r : r + 1, :n], types))
+    out = {}
+    for name in rows[0]:
+        values = [row[name] for row in rows]
+        if values[0].ndim == 2 and name in ("start_logits", "end_logits"):
+            full = np.full((len(values), input_ids.shape[1]), -1e4, dtype=np.float32)  # padding never wins
+            for r, v in enumerate(values):
+                full[r, : v.shape[1]] = v[0]
+            out[name] = full
+        else:
+            out[name] = np.concatenate(values, axis=0)
+    return out
 
 
 def default_threads() -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from packer.artifact import VARIANT_FILES
-from packer.backends.base import BackendError, default_threads, resolve_device
+from packer.backends.base import BackendError, default_threads, resolve_device, run_per_window
 
 DTYPES = {"onnx": "fp32", "onnx-int8": "int8", "onnx-fp16": "fp16"}
 
@@ -22,6 +22,7 @@ class OrtBackend:
         threads: int | None = None,
         spinning: bool = True,
         memory_arena: bool = True,
+        per_window: bool = False,
     ):
         import onnxruntime as ort
 
@@ -49,6 +50,10 @@ class OrtBackend:
             spinning,
             memory_arena,
         )
+        # Dynamic int8 takes one activation scale per tensor over the whole padded batch, so a window's
+        # logits would depend on its neighbours: run each window alone (as fast on CPU; docs/performance.md).
+        self.per_window = per_window
+        self.batch_invariant = per_window or variant != "onnx-int8"
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -65,6 +70,11 @@ class OrtBackend:
     def run(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None
     ) -> dict[str, np.ndarray]:
+        if self.per_window and input_ids.shape[0] > 1:
+            return run_per_window(self._run, input_ids, attention_mask, token_type_ids)
+        return self._run(input_ids, attention_mask, token_type_ids)
+
+    def _run(self, input_ids, attention_mask, token_type_ids) -> dict[str, np.ndarray]:
         feed = self._feed(input_ids, attention_mask, token_type_ids)
         if self.device == "cuda":
             binding = self.session.io_binding()

@@ -16,6 +16,8 @@ class TorchBackend:
         self.device = resolve_device(device, torch.cuda.is_available(), strict, "torch")
         self.dtype = "fp16" if self.device == "cuda" else "fp32"
         self.name = f"torch-{self.device}-{self.dtype}"
+        self.batch_invariant = True  # padded rows differ by float rounding only (tested within 1e-5)
+        self.per_window = False
         if self.device == "cpu":
             torch.set_num_threads(threads or default_threads())
         model = loaded.model

@@ -118,6 +118,7 @@ def predict_squad_http(
     opts = {
         "top_k": 1,
         "max_answer_len": options.max_answer_len,
+        "align_to_words": options.align_to_words,
         "max_seq_len": options.max_seq_len,
         "doc_stride": options.doc_stride,
         "handle_impossible_answer": options.handle_impossible_answer,

@@ -8,6 +8,7 @@ span is the `na_prob` that the evaluation thresholds on.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,7 @@ class QAOptions:
     doc_stride: int = 128  # tokens shared by consecutive windows (HF semantics)
     handle_impossible_answer: bool = True
     null_threshold: float = 0.0
+    align_to_words: bool = True  # widen spans to whole words of the context, as the HF pipeline does
 
 
 @dataclass
@@ -35,6 +37,9 @@ class Window:
     attention_mask: np.ndarray
     token_type_ids: np.ndarray | None
     offsets: list[tuple[int, int] | None]  # char span in the context, None outside the context
+    word_spans: list[
+        tuple[int, int] | None
+    ]  # char span of the token's whole word (as far as this window holds it)
     context_start: int  # first context token
     context_end: int  # last context token (inclusive)
 
@@ -90,6 +95,7 @@ def make_windows(tokenizer, question: str, context: str, options: QAOptions) -> 
             for off, seq in zip(enc["offset_mapping"][i], sequence_ids, strict=True)
         ]
         context_positions = [j for j, seq in enumerate(sequence_ids) if seq == 1]
+        word_spans = _word_spans(offsets, enc.word_ids(i))
         if not context_positions:
             continue
         token_types = enc["token_type_ids"][i] if "token_type_ids" in enc else None
@@ -99,6 +105,7 @@ def make_windows(tokenizer, question: str, context: str, options: QAOptions) -> 
                 attention_mask=np.ones(len(ids), dtype=np.int64),
                 token_type_ids=None if token_types is None else np.asarray(token_types, dtype=np.int64),
                 offsets=offsets,
+                word_spans=word_spans,
                 context_start=context_positions[0],
                 context_end=context_positions[-1],
             )
@@ -106,6 +113,35 @@ def make_windows(tokenizer, question: str, context: str, options: QAOptions) -> 
     if not windows:
         raise QAInputError("the context is empty after tokenization")
     return windows
+
+
+def _word_spans(
+    offsets: list[tuple[int, int] | None], word_ids: list[int | None]
+) -> list[tuple[int, int] | None]:
+    """For each context token, the character span of its word (as the tokenizer's pre-tokenizer splits)."""
+    spans: dict[int, tuple[int, int]] = {}
+    for off, word in zip(offsets, word_ids, strict=True):
+        if off is None or word is None:
+            continue
+        start, end = spans.get(word, off)
+        spans[word] = (min(start, off[0]), max(end, off[1]))
+    return [
+        spans[word] if off is not None and word is not None else off
+        for off, word in zip(offsets, word_ids, strict=True)
+    ]
+
+
+def _through_marks(context: str, end: int) -> int:
+    """Move `end` past combining marks that belong to the span's last character (NFD accents)."""
+    while end < len(context) and unicodedata.category(context[end]) in ("Mn", "Mc", "Me"):
+        end += 1
+    return end
+
+
+def char_span(context: str, window: Window, s: int, e: int, align_to_words: bool) -> tuple[int, int]:
+    """Character span of tokens s..e; whole words when aligning, never ending inside a character."""
+    spans = window.word_spans if align_to_words else window.offsets
+    return spans[s][0], _through_marks(context, spans[e][1])
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -138,7 +174,7 @@ def answer(
             for e in ends:
                 if e < s or e - s + 1 > options.max_answer_len:
                     continue
-                char_start, char_end = window.offsets[s][0], window.offsets[e][1]
+                char_start, char_end = char_span(context, window, s, e, options.align_to_words)
                 logit_sum = float(start_logits[s] + end_logits[e])
                 key = (char_start, char_end)
                 if key not in candidates or candidates[key].logit_sum < logit_sum:
