@@ -4,10 +4,10 @@ Scheduling (what the README promises):
 - Across models, the worker serves the model that has used the least inference time so far (a model
   that was idle starts level with the busiest waiting one, not with a credit), so one model's backlog
   cannot starve another.
-- Within a model, each request is a flow. A batch is led by the oldest window of the flow that has been
-  served the fewest tokens (oldest request on ties); a request arriving behind a big one starts level
-  with the least-served waiting flow, so it waits at most about one batch, not for every window of the
-  big request.
+- Within a model, each request is a flow, and flows take turns (deficit round robin in tokens): a
+  batch is led by the oldest window of the flow whose turn it is, and a new request joins the back of
+  the ring, so it waits one turn of each waiting request (one batch behind a single big request), not
+  for every window of the big request; no request is starved however many others arrive.
 - The rest of the batch is filled, within max_batch_size windows and max_batch_tokens padded tokens,
   from the flows' next windows nearest in length to the leader (length grouping) or in served order.
 - A batch that fails is re-run flow by flow so that only the request that broke it fails.
@@ -73,61 +73,79 @@ class BatchLimits:
 @dataclass
 class _Flow:
     key: int
-    arrival: int
-    served: int  # tokens served so far (the fairness clock)
+    deficit: int = 0  # tokens this flow may still lead with (deficit round robin)
     items: deque[WorkItem] = field(default_factory=deque)
 
 
 class FairQueue:
-    """The windows of one model, as flows (one per request); no threads, so tests and benchmarks replay it."""
+    """The windows of one model, as flows (one per request) taking turns by deficit round robin.
+
+    No threads, so tests and benchmarks replay it. A turn adds `quantum` tokens to a flow's deficit; a
+    flow leads a batch when its deficit covers its oldest window, then goes to the back of the ring.
+    Windows taken to fill another flow's batch are charged to their own flow's deficit, so sharing
+    stays even in tokens whichever flow led.
+    """
 
     def __init__(self, limits: BatchLimits):
         self.limits = limits
         self._flows: dict[int, _Flow] = {}
-        self._arrivals = itertools.count()
-        self._clock = 0  # served tokens of the least-served flow when the queue was last busy
+        self._ring: deque[_Flow] = deque()  # turn order; a new flow joins at the back
         self.windows = 0
         self.tokens = 0
 
     def __len__(self) -> int:
         return self.windows
 
+    @property
+    def quantum(self) -> int:
+        return max(self.limits.max_batch_tokens, 1)
+
     def add(self, items: list[WorkItem], flow: int | None = None) -> None:
         for it in items:
             key = it.flow if flow is None else flow
             f = self._flows.get(key)
             if f is None:
-                # A new flow starts level with the least-served waiting one: no credit for having been idle.
-                level = min((g.served for g in self._flows.values()), default=self._clock)
-                f = self._flows[key] = _Flow(key, next(self._arrivals), level)
+                f = self._flows[key] = _Flow(key)
+                self._ring.append(f)
             f.items.append(it)
             self.windows += 1
             self.tokens += it.length
 
     def oldest(self) -> float:
-        return min(f.items[0].enqueued for f in self._flows.values())
+        return min(f.items[0].enqueued for f in self._ring)
+
+    def _leader(self) -> _Flow:
+        while True:
+            f = self._ring[0]
+            if f.deficit >= f.items[0].length:
+                return f
+            # Not enough credit: this turn adds a quantum (enough for any window within the budget).
+            f.deficit += max(self.quantum, f.items[0].length)
+            if f.deficit >= f.items[0].length:
+                return f
+            self._ring.rotate(-1)
 
     def take(self) -> list[WorkItem]:
-        """The next batch: the least-served flow's next window, then others that fit (see module doc)."""
+        """The next batch: the leader's oldest window, then others that fit (see module doc)."""
         limits = self.limits
-        order = sorted(self._flows.values(), key=lambda f: (f.served, f.arrival))
-        lead_flow = order[0]
+        lead_flow = self._leader()
         lead = lead_flow.items[0]
-        # Candidates in fair order: round r holds each flow's r-th window, least-served flow first.
+        # Candidates in turn order: round r holds each flow's r-th window, the leader's flow first.
         # The leader is its flow's oldest window; the rest may be any window in reach (length grouping).
         room = limits.max_batch_size * SCAN_FACTOR
-        candidates: list[tuple[int, _Flow, WorkItem]] = []
+        order = list(self._ring)
+        candidates: list[tuple[_Flow, WorkItem]] = []
         for r in range(min(room, max(len(f.items) for f in order))):
-            for f in order:
-                if r < len(f.items) and not (f is lead_flow and r == 0):
-                    candidates.append((r, f, f.items[r]))
+            candidates.extend(
+                (f, f.items[r]) for f in order if r < len(f.items) and (r or f is not lead_flow)
+            )
             if len(candidates) >= room:
                 break
         if limits.length_grouping:
-            candidates.sort(key=lambda c: abs(c[2].length - lead.length))  # stable: fair order on ties
+            candidates.sort(key=lambda c: abs(c[1].length - lead.length))  # stable: turn order on ties
         batch, longest = [lead], lead.length
         chosen: dict[int, set[int]] = {lead_flow.key: {id(lead)}}
-        for _, f, it in candidates:
+        for f, it in candidates:
             if len(batch) >= limits.max_batch_size:
                 break
             new_longest = max(longest, it.length)
@@ -142,14 +160,14 @@ class FairQueue:
             f = self._flows[key]
             f.items = deque(it for it in f.items if id(it) not in ids)
             size = sum(it.length for it in batch if id(it) in ids)
-            f.served += size
+            f.deficit -= size
             self.tokens -= size
             if not f.items:
                 del self._flows[key]
+                self._ring.remove(f)
         self.windows -= len(batch)
-        self._clock = min(
-            (f.served for f in self._flows.values()), default=max(self._clock, lead_flow.served)
-        )
+        if self._ring and self._ring[0] is lead_flow:
+            self._ring.rotate(-1)  # its turn is used: the next flow leads the next batch
         return batch
 
 

@@ -47,6 +47,18 @@ def test_a_small_request_behind_a_big_one_waits_about_one_batch(grouping):
     assert len(rest) + len(first) + sum(map(len, batches)) == 401 and len(queue) == 0
 
 
+def test_no_request_starves_under_a_stream_of_new_ones():
+    """A five-window request while a new one-window request arrives before every batch."""
+    queue = FairQueue(BatchLimits(max_batch_size=1, max_batch_tokens=1024))
+    queue.add(windows_of(100, 5, flow=1))
+    served = []
+    for new in range(2, 42):
+        queue.add(windows_of(100, 1, flow=new))
+        served.extend(it.flow for it in queue.take())
+    first = [i for i, flow in enumerate(served) if flow == 1]
+    assert len(first) == 5 and first[-1] < 15  # it keeps getting turns: no credit lost to newcomers
+
+
 def test_equal_requests_share_the_model_evenly_and_each_runs_oldest_first():
     queue = FairQueue(BatchLimits(max_batch_size=2, max_batch_tokens=10_000))
     a, b = windows_of(64, 10, flow=1), windows_of(64, 10, flow=2)
