@@ -7,7 +7,10 @@ directory is built under a temporary name beside OUT and renamed into place at t
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +24,8 @@ import torch
 from packer.checkpoint import sha256_file
 from packer.errors import ArtifactError
 from packer.modeling import PackedConfig, PackedModel
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "pack.json"
 WEIGHTS = "model.safetensors"
@@ -42,14 +47,57 @@ class LoadedModel:
     variant: str = "torch"
 
 
+def check_out(out: Path, force: bool = False) -> None:
+    """Refuse an existing OUT before any work is done."""
+    if Path(out).exists() and not force:
+        raise ArtifactError(f"{out} already exists; pass --force to replace it")
+
+
+def _locked_elsewhere(directory: Path) -> bool:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing releases our probe lock
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Temporary directories of killed packs beside `out`: removed when no live pack holds their lock."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    removed = []
+    for leftover in out.parent.glob(f".{out.name}.*-*"):
+        if not leftover.is_dir() or not leftover.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")):
+            continue
+        if _locked_elsewhere(leftover):
+            continue  # a pack that is running now
+        shutil.rmtree(leftover, ignore_errors=True)
+        log.warning("removed %s, left by a pack that was killed", leftover)
+        removed.append(leftover)
+    return removed
+
+
 @contextmanager
 def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside `out`; on success it replaces `out`, on error it vanishes."""
+    """Yield a temporary directory beside `out`; on success it replaces `out`, on error it vanishes.
+
+    The temporary directory is flock()ed while we work: the lock dies with the process however it
+    dies, so a later pack can tell a killed pack's leftovers from a running pack's work.
+    """
     out = Path(out)
-    if out.exists() and not force:
-        raise ArtifactError(f"{out} already exists; pass --force to replace it")
+    check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    lock = os.open(tmp, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         yield tmp
         umask = os.umask(0)
@@ -67,6 +115,8 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
 
 
 def file_checksums(directory: Path) -> dict[str, str]:
@@ -99,7 +149,19 @@ def read_manifest(path: Path) -> dict:
         raise ArtifactError(f"{file}: not valid JSON ({exc})") from exc
 
 
+# sha256 of files already verified, keyed by what any change to a file changes (ctime moves on every
+# write and on every metadata change, including an mtime put back by hand).
+_verified: dict[tuple, str] = {}
+
+
+def _stat_key(file: Path) -> tuple:
+    st = file.stat()
+    return (str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
 def verify_checksums(path: Path, manifest: dict, names: list[str] | None = None) -> None:
+    """Check files against pack.json's sha256 (all of them by default). A file whose size, mtime, ctime
+    and inode are those of an earlier successful check is not read again."""
     recorded = manifest.get("files") or {}
     for name in names if names is not None else sorted(recorded):
         file = path / name
@@ -107,12 +169,28 @@ def verify_checksums(path: Path, manifest: dict, names: list[str] | None = None)
             raise ArtifactError(f"{file}: not listed in {MANIFEST}; the artifact was changed after packing")
         if not file.is_file():
             raise ArtifactError(f"{file}: missing (listed in {MANIFEST})")
-        actual = sha256_file(file)
+        key = _stat_key(file)
+        actual = _verified.get(key) or sha256_file(file)
         if actual != recorded[name]:
             raise ArtifactError(
                 f"{file}: sha256 {actual[:12]}… does not match {MANIFEST} ({recorded[name][:12]}…); "
                 "the file is corrupted or was modified: pack the model again"
             )
+        _verified[key] = actual
+
+
+def fingerprint(path: Path) -> str:
+    """Changes whenever pack.json or any file it lists changes (content or metadata)."""
+    digest = hashlib.sha256()
+    try:
+        manifest_bytes = (path / MANIFEST).read_bytes()
+        digest.update(manifest_bytes)
+        for name in sorted(json.loads(manifest_bytes).get("files") or {}):
+            file = path / name
+            digest.update(repr(_stat_key(file) if file.exists() else (name, "missing")).encode())
+    except (OSError, ValueError):
+        return ""
+    return digest.hexdigest()
 
 
 def read_packed_config(path: Path) -> PackedConfig:

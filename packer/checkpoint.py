@@ -83,7 +83,10 @@ def resolve(src: str, revision: str | None = None) -> Path:
         return Path(snapshot_download(src, revision=revision, allow_patterns=WEIGHT_PATTERNS))
     except Exception as exc:  # network, auth, unknown repo: all reported the same way
         raise CheckpointError(
-            f"{src} is not a local directory and could not be downloaded from the Hugging Face hub: {exc}"
+            f"{src} is not a local directory and could not be downloaded from the Hugging Face hub "
+            f"({type(exc).__name__}). Without the hub: pass a local checkpoint directory, set "
+            "HF_HUB_OFFLINE=1 to use what is already in the hub cache, or make a pruned checkpoint with "
+            "`prune-pack synth DIR --profile bert-large-seed` and pack DIR"
         ) from exc
 
 

@@ -13,6 +13,17 @@ from packer.errors import PackerError
 log = logging.getLogger("prune-pack")
 
 
+def fraction(text: str) -> float:
+    """argparse type: a fraction in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a fraction in [0, 1)")
+    return value
+
+
 def cmd_pack(args) -> int:
     from packer.pack import PackOptions, pack
 
@@ -210,6 +221,10 @@ def cmd_gates(args) -> int:
     from packer.checkpoint import read_source
     from packer.gates import magnitude_gates
 
+    if not Path(args.out).parent.is_dir():
+        raise PackerError(
+            f"{Path(args.out).parent} does not exist; create it or write the gates file elsewhere"
+        )
     source = read_source(args.src, progress=not args.quiet)
     masks = magnitude_gates(source, args.heads, args.ffn)
     Path(args.out).write_text(json.dumps(masks) + "\n")
@@ -224,15 +239,23 @@ def cmd_gates(args) -> int:
 def cmd_synth(args) -> int:
     from packer.synthetic import build_profile
 
+    if Path(args.out).exists() and not args.force:
+        raise PackerError(f"{args.out} already exists; pass --force to overwrite it")
     out = build_profile(args.out, args.profile, task=args.task, seed=args.seed, tokenizer_from=args.tokenizer)
     print(f"wrote a random {args.profile} checkpoint to {out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from packer import __version__
+
     parser = argparse.ArgumentParser(prog="prune-pack", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"prune-pack {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="also show ONNX Runtime's optimizer and quantizer output"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -338,17 +361,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gates", parents=[common], help="a masks file closing the weakest heads / FFN dims")
     p.add_argument("src")
     p.add_argument("out", metavar="MASKS.json")
-    p.add_argument("--heads", type=float, default=0.25, help="fraction of heads to close (0.25)")
-    p.add_argument("--ffn", type=float, default=0.5, help="fraction of FFN dims to close (0.5)")
+    p.add_argument(
+        "--heads", type=fraction, default=0.25, help="fraction of heads to close, in [0, 1) (0.25)"
+    )
+    p.add_argument("--ffn", type=fraction, default=0.5, help="fraction of FFN dims to close, in [0, 1) (0.5)")
     p.set_defaults(func=cmd_gates)
 
     p = sub.add_parser(
         "synth", parents=[common], help="write a random pruned checkpoint (tests and benchmarks)"
     )
-    p.add_argument("out")
-    p.add_argument("--profile", default="tiny", choices=["tiny", "bert-base-40h-70f", "bert-large-seed"])
-    p.add_argument("--task", default="qa", choices=["qa", "classification"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out", help="checkpoint directory to write")
+    p.add_argument(
+        "--profile",
+        default="tiny",
+        choices=["tiny", "bert-base-40h-70f", "bert-large-seed"],
+        help="shape and pruning profile (default: %(default)s)",
+    )
+    p.add_argument(
+        "--task", default="qa", choices=["qa", "classification"], help="head (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--tokenizer", help="copy this real tokenizer (directory or hub id) instead of a toy one")
     p.set_defaults(func=cmd_synth)
     return parser
@@ -356,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        from packer import onnx_export
+
+        onnx_export.VERBOSE = True
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -364,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     except PackerError as exc:
         print(f"prune-pack: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # unreadable input, unwritable output, full disk: say which file, no traceback
+        print(f"prune-pack: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

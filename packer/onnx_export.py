@@ -7,6 +7,8 @@ every layer that has heads. A global head count must never be passed: layers dif
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
@@ -26,12 +28,19 @@ log = logging.getLogger(__name__)
 OPSET = 17
 
 
+VERBOSE = False  # prune-pack -v: let ONNX Runtime's tools print what they print
+
+
 @contextmanager
 def quiet_onnxruntime_tools() -> Iterator[None]:
-    """ORT's optimizer and quantizer log per-layer warnings that are expected for pruned layers."""
-    logging.disable(logging.WARNING)
+    """ORT's optimizer and quantizer log per-layer warnings that are expected for pruned layers, an
+    error when no GPU is present, and print a dict of fused operators: shown only with -v."""
+    if VERBOSE:
+        yield
+        return
+    logging.disable(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:

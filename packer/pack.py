@@ -13,7 +13,14 @@ from pathlib import Path
 import torch
 
 from packer import __version__, sparse
-from packer.artifact import WEIGHTS, atomic_directory, build_model, write_manifest
+from packer.artifact import (
+    WEIGHTS,
+    atomic_directory,
+    build_model,
+    check_out,
+    remove_leftovers,
+    write_manifest,
+)
 from packer.checkpoint import Source, has_tokenizer, read_source
 from packer.errors import CheckpointError, VerificationError
 from packer.masks import Masks, apply_masks, read_masks
@@ -108,6 +115,8 @@ def layer_report(ls: LayerStructure) -> dict:
 def pack(src: str, out: str | Path, options: PackOptions | None = None) -> dict:
     """Pack `src` into the artifact directory `out`; returns the manifest (pack.json)."""
     options = options or PackOptions()
+    check_out(Path(out), options.force)  # before seconds of reading and resizing, not after
+    remove_leftovers(Path(out))
     t0 = time.perf_counter()
     prepared = prepare(src, options)
     source, layers = prepared.source, prepared.layers

@@ -70,11 +70,13 @@ def build_variants(
     variants: dict[str, dict] = {}
     raw = directory / "model.raw.onnx"
     start = time.perf_counter()
+    log.info("exporting ONNX (opset 17) ...")
     export(model, raw)
     masks = [b["attention_mask"].numpy() for b in text_batches]
     reference_text = torch_outputs(model, text_batches)
     try:
         fp32 = directory / VARIANT_FILES["onnx"]
+        log.info("optimizing the ONNX graph (fusion) and checking it against torch ...")
         fusion = optimize(raw, fp32, config)
         exact_diff = max(
             float(np.abs(a - b).max())
@@ -101,6 +103,7 @@ def build_variants(
         if options.int8:
             start = time.perf_counter()
             int8 = directory / VARIANT_FILES["onnx-int8"]
+            log.info("quantizing to int8 (%s) ...", options.int8)
             if options.int8 == "static":
                 quantize_int8_static(fp32, int8, list(feeds(calibration_batches, names)))
             else:
@@ -122,6 +125,7 @@ def build_variants(
         if options.fp16:
             start = time.perf_counter()
             fp16 = directory / VARIANT_FILES["onnx-fp16"]
+            log.info("converting to fp16 ...")
             fusion16 = optimize(raw, fp16, config, for_gpu=True, fp16=True)
             variants["onnx-fp16"] = {
                 "file": fp16.name,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from packer.tasks.padding import pad
-from service.errors import DeadlineExceeded, InferenceFailed, QueueFull
+from service.errors import DeadlineExceeded, InferenceFailed, ModelUnavailable, QueueFull
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,8 @@ Runner = Callable[[np.ndarray, np.ndarray, np.ndarray | None], dict[str, np.ndar
 
 class _ModelQueue:
     def __init__(self, name: str, runner: Runner, pad_id: int, limits: BatchLimits):
-        self.name = name
+        self.name = name  # the model's name: metric label
+        self.retiring = False  # replaced by a reload: drains what it holds, then goes
         self.runner = runner
         self.pad_id = pad_id
         self.queue = FairQueue(limits)
@@ -210,26 +211,42 @@ class Batcher:
         self._ran_since_trim = False
         self._thread = threading.Thread(target=self._loop, name="inference-worker", daemon=True)
 
-    def register(self, name: str, runner: Runner, pad_id: int, limits: BatchLimits) -> None:
-        """Add a model, or swap in a reloaded one: windows already queued stay and run on the new runner."""
+    def register(
+        self, key: str, runner: Runner, pad_id: int, limits: BatchLimits, label: str | None = None
+    ) -> None:
+        """Add a loaded model under its own key (a reload registers the new model beside the old one)."""
         with self._cond:
-            model = self._queues.get(name)
-            if model is None:
-                self._queues[name] = _ModelQueue(name, runner, pad_id, limits)
-            else:
-                model.runner, model.pad_id, model.queue.limits = runner, pad_id, limits
+            self._queues[key] = _ModelQueue(label or key, runner, pad_id, limits)
+
+    def retire(self, key: str) -> None:
+        """The model was replaced or removed: its queued windows still run on it, then it goes."""
+        with self._cond:
+            model = self._queues.get(key)
+            if model is not None:
+                model.retiring = True
+                if not len(model.queue):
+                    del self._queues[key]
 
     def start(self) -> None:
         self._thread.start()
 
-    def depth(self, name: str) -> int:
-        with self._cond:
-            return len(self._queues[name].queue)
+    def _depth(self, name: str) -> int:
+        return sum(len(m.queue) for m in self._queues.values() if m.name == name)
 
-    def submit(self, name: str, items: list[WorkItem]) -> None:
+    def depth(self, name: str) -> int:
+        """Windows queued for the model `name` (over its current and retiring loads)."""
+        with self._cond:
+            return self._depth(name)
+
+    def submit(self, key: str, items: list[WorkItem]) -> None:
         """Queue all of a request's windows (one flow), or none of them (429) when they do not fit."""
         with self._cond:
-            model = self._queues[name]
+            model = self._queues.get(key)
+            if model is None:  # a retired model that has drained: the request raced a reload
+                raise ModelUnavailable(
+                    "the model was replaced while this request was prepared; retry", {"Retry-After": "1"}
+                )
+            name = model.name
             if self._stopping:
                 raise QueueFull("the server is shutting down", {"Retry-After": "1"})
             queued = len(model.queue)
@@ -244,7 +261,7 @@ class Batcher:
                 busy = [m.used for m in self._queues.values() if len(m.queue) and m is not model]
                 model.used = max(model.used, min(busy, default=model.used))
             model.queue.add(items)
-            self.metrics.queue_depth.labels(name).set(len(model.queue))
+            self.metrics.queue_depth.labels(name).set(self._depth(name))
             self._cond.notify()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -277,7 +294,9 @@ class Batcher:
                     self._cond.wait((limits.max_wait_ms - waited_ms) / 1000)
                     continue
                 batch = queue.take()
-                self.metrics.queue_depth.labels(model.name).set(len(queue))
+                if model.retiring and not len(queue):
+                    self._queues = {k: m for k, m in self._queues.items() if m is not model}
+                self.metrics.queue_depth.labels(model.name).set(self._depth(model.name))
                 self._ran_since_trim = True
                 return model, batch
 

@@ -23,6 +23,10 @@ class Unauthorized(ServiceError):
     status, type = 401, "unauthorized"
 
 
+class Forbidden(ServiceError):
+    status, type = 403, "forbidden"
+
+
 class ModelNotFound(ServiceError):
     status, type = 404, "model_not_found"
 
@@ -43,6 +47,10 @@ class NotReady(ServiceError):
     status, type = 503, "not_ready"
 
 
+class ModelUnavailable(ServiceError):
+    status, type = 503, "model_unavailable"
+
+
 class DeadlineExceeded(ServiceError):
     status, type = 504, "deadline_exceeded"
 
@@ -52,6 +60,14 @@ class InferenceFailed(ServiceError):
 
 
 def error_response(
-    status: int, type_: str, message: str, headers: dict[str, str] | None = None
+    status: int,
+    type_: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    request_id: str | None = None,
+    **extra,
 ) -> JSONResponse:
-    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
+    error = {"type": type_, "message": message}
+    if request_id:
+        error["request_id"] = request_id
+    return JSONResponse({"error": error, **extra}, status_code=status, headers=headers)

@@ -8,15 +8,13 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from starlette.requests import Request
 
 from packer.tasks import classify, qa
-from service.batching import Batcher, WorkItem, new_flow
+from service.batching import WorkItem, new_flow
+from service.engine import Engine
 from service.errors import DeadlineExceeded, InvalidInput, PayloadTooLarge
-from service.metrics import Metrics
 from service.registry import ServedModel
 from service.schemas import (
     ClassifyItem,
@@ -34,17 +32,6 @@ class ClientGone(Exception):
     """The client disconnected; its windows were dropped."""
 
 
-@dataclass
-class Runtime:
-    settings: Settings
-    metrics: Metrics
-    batcher: Batcher
-    pool: ThreadPoolExecutor  # tokenization and post-processing, off the event loop
-
-    async def off_loop(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
-
-
 def check_sizes(settings: Settings, count: int, texts: dict[str, str]) -> None:
     if count > settings.max_items:
         raise InvalidInput(f"items: {count} items in one request, at most {settings.max_items}")
@@ -53,7 +40,7 @@ def check_sizes(settings: Settings, count: int, texts: dict[str, str]) -> None:
             raise InvalidInput(f"{field}: {len(text)} characters, at most {settings.max_context_chars}")
 
 
-def make_work(rt: Runtime, model: ServedModel, windows: list, deadline: float) -> list[WorkItem]:
+def make_work(rt: Engine, model: ServedModel, windows: list, deadline: float) -> list[WorkItem]:
     """One flow of work items for a request's windows, refused (413/422) when they could never run."""
     settings, count = rt.settings, len(windows)
     # Never admissible (not a 429): more than the whole queue holds, or more than one request may take.
@@ -100,12 +87,15 @@ async def _await_all(items: list[WorkItem], request: Request | None, deadline: f
         raise
 
 
-def _qa_options(body) -> qa.QAOptions:
+def _qa_options(body, model: ServedModel) -> qa.QAOptions:
+    """The request's options; unset window sizes follow the model's own limits."""
+    max_seq_len = body.max_seq_len or model.default_max_seq_len
+    doc_stride = body.doc_stride if body.doc_stride is not None else min(128, max_seq_len // 3)
     return qa.QAOptions(
         top_k=body.top_k,
         max_answer_len=body.max_answer_len,
-        max_seq_len=body.max_seq_len,
-        doc_stride=body.doc_stride,
+        max_seq_len=max_seq_len,
+        doc_stride=doc_stride,
         handle_impossible_answer=body.handle_impossible_answer,
         null_threshold=body.null_threshold,
         align_to_words=body.align_to_words,
@@ -113,16 +103,16 @@ def _qa_options(body) -> qa.QAOptions:
 
 
 async def run_qa(
-    rt: Runtime, model: ServedModel, items: list[QAItem], body, request: Request | None, deadline: float
+    rt: Engine, model: ServedModel, items: list[QAItem], body, request: Request | None, deadline: float
 ) -> list[QAResultOut]:
     texts = {f"items[{i}].context": it.context for i, it in enumerate(items)}
     texts.update({f"items[{i}].question": it.question for i, it in enumerate(items)})
     check_sizes(rt.settings, len(items), texts)
-    options = _qa_options(body)
-    if options.max_seq_len > model.config.max_position_embeddings - 2:
+    options = _qa_options(body, model)
+    if options.max_seq_len > model.max_window:
         raise InvalidInput(
             f"max_seq_len: {options.max_seq_len} is more than model {model.name} supports "
-            f"({model.config.max_position_embeddings - 2})"
+            f"({model.max_window} tokens)"
         )
 
     def tokenize():
@@ -135,7 +125,9 @@ async def run_qa(
     windows = await rt.off_loop(tokenize)
     rt.metrics.tokenize.labels(model.name).observe(time.perf_counter() - start)
     work = make_work(rt, model, [w for ws in windows for w in ws], deadline)
-    rt.batcher.submit(model.name, work)
+    rt.batcher.submit(model.key, work)
+    if request is not None:
+        request.scope["windows"] = len(work)  # for the access log
     outputs = await _await_all(work, request, deadline)
 
     def postprocess():
@@ -159,10 +151,10 @@ async def run_qa(
 
 
 async def run_classify(
-    rt: Runtime,
+    rt: Engine,
     model: ServedModel,
     items: list[ClassifyItem],
-    max_seq_len: int,
+    max_seq_len: int | None,
     all_scores: bool,
     request: Request | None,
     deadline: float,
@@ -170,7 +162,7 @@ async def run_classify(
     texts = {f"items[{i}].text": it.text for i, it in enumerate(items)}
     texts.update({f"items[{i}].text_pair": it.text_pair for i, it in enumerate(items) if it.text_pair})
     check_sizes(rt.settings, len(items), texts)
-    max_seq_len = min(max_seq_len, model.config.max_position_embeddings - 2)
+    max_seq_len = min(max_seq_len or model.max_window, model.max_window)
 
     def tokenize():
         return [classify.encode(model.tokenizer, it.text, it.text_pair, max_seq_len) for it in items]
@@ -179,7 +171,9 @@ async def run_classify(
     encoded = await rt.off_loop(tokenize)
     rt.metrics.tokenize.labels(model.name).observe(time.perf_counter() - start)
     work = make_work(rt, model, encoded, deadline)
-    rt.batcher.submit(model.name, work)
+    rt.batcher.submit(model.key, work)
+    if request is not None:
+        request.scope["windows"] = len(work)  # for the access log
     outputs = await _await_all(work, request, deadline)
     results = []
     for out in outputs:

@@ -69,6 +69,15 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter("prune_serve_errors_total", "errors by type", ["model", "type"], registry=r)
+        self.model_state = Gauge(
+            "prune_serve_model_ready",
+            "1 while the model serves, 0 when it failed to load",
+            ["model"],
+            registry=r,
+        )
+        self.model_load_failures = Counter(
+            "prune_serve_model_load_failures_total", "loads and reloads that failed", ["model"], registry=r
+        )
         self.model_info = Gauge(
             "prune_serve_model_info", "served models", ["model", "variant", "backend", "params"], registry=r
         )

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from packer.arch import QA
-from packer.artifact import load_tokenizer, read_manifest, read_packed_config
+from packer.artifact import (
+    fingerprint,
+    load_tokenizer,
+    read_manifest,
+    read_packed_config,
+    verify_checksums,
+)
 from packer.backends import Backend, choose_variant, open_backend, present_variants
 from packer.errors import PackerError
 from packer.modeling import PackedConfig
@@ -34,12 +40,47 @@ class ServedModel:
     tokenizer: object
     config: PackedConfig
     params: int
-    fingerprint: str = ""  # sha256 of pack.json, which holds the sha256 of every other file
+    fingerprint: str = ""  # changes when pack.json or any file it lists changes
+    # Unique per load: the batcher queues windows under it, so a reload never runs a request's windows
+    # on a model other than the one that tokenized them.
+    key: str = ""
+    manifest: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def max_window(self) -> int:
+        """The longest window the model's position table allows (RoBERTa's positions start after padding)."""
+        offset = self.config.pad_token_id + 1 if self.config.arch == "roberta" else 0
+        return self.config.max_position_embeddings - offset
+
+    @property
+    def default_max_seq_len(self) -> int:
+        return min(qa.QAOptions.max_seq_len, self.max_window)
 
     @property
     def pad_id(self) -> int:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         return self.config.pad_token_id if pad is None else int(pad)
+
+    def info(self) -> dict:
+        """describe() plus where the model came from and what the service enforces for it."""
+        source = self.manifest.get("source") or {}
+        ref = str(source.get("ref") or "")
+        if ref.startswith("/"):  # a local absolute path says nothing to a client and leaks the layout
+            ref = Path(ref).name
+        return {
+            **self.describe(),
+            "source": {
+                "ref": ref,
+                "revision": source.get("revision"),
+                "weights": [
+                    {"file": w.get("file"), "sha256": w.get("sha256")} for w in source.get("weights", [])
+                ],
+            },
+            "packer_version": self.manifest.get("packer_version"),
+            "files": self.manifest.get("files") or {},
+            "arch": self.config.arch,
+            "max_position_embeddings": self.config.max_position_embeddings,
+        }
 
     def describe(self) -> dict:
         return {
@@ -50,6 +91,9 @@ class ServedModel:
             "device": self.backend.device,
             "dtype": self.backend.dtype,
             "params": self.params,
+            "state": "ready",
+            "max_seq_len": self.default_max_seq_len,
+            "max_window": self.max_window,
             "batch_invariant": self.backend.batch_invariant,
             "labels": [self.config.id2label[i] for i in sorted(self.config.id2label)]
             if self.task != QA
@@ -90,18 +134,32 @@ def discover(models_dir: Path) -> list[Path]:
 
 def warm_up(model: ServedModel) -> None:
     """Run real text through every path once (first runs allocate and pick kernels)."""
+    longest = model.default_max_seq_len
+    options = qa.QAOptions(max_seq_len=longest, doc_stride=min(128, longest // 4))
     if model.task == QA:
-        windows = [w for q, c in QA_PAIRS[:4] for w in qa.make_windows(model.tokenizer, q, c, qa.QAOptions())]
+        windows = [w for q, c in QA_PAIRS[:4] for w in qa.make_windows(model.tokenizer, q, c, options)]
     else:
-        windows = [classify.encode(model.tokenizer, s, None, 128) for s in SENTENCES[:4]]
+        windows = [classify.encode(model.tokenizer, s, None, longest) for s in SENTENCES[:4]]
     ids, mask, types, _ = pad(windows, model.pad_id)
     for _ in range(2):
         model.backend.run(ids, mask, types)
 
 
+_loads = itertools.count(1)
+
+
+def public(message: str, path: Path) -> str:
+    """An error message fit for an HTTP body: the artifact's directory named by the model, not by path."""
+    for prefix in (str(path.resolve()), str(path)):
+        message = message.replace(prefix, path.name)
+    return message
+
+
 def load_model(path: Path, settings: Settings, on_cuda: bool) -> ServedModel:
+    """Verify every file, open the backend, warm up; any failure is a RegistryError naming the model."""
     try:
         manifest = read_manifest(path)
+        verify_checksums(path, manifest)  # every file pack.json lists, not only the served one
         variant = choose_variant(settings.variant_for(path.name), present_variants(path), on_cuda)
         config = read_packed_config(path)
         backend = open_backend(
@@ -124,24 +182,30 @@ def load_model(path: Path, settings: Settings, on_cuda: bool) -> ServedModel:
             config=config,
             params=int(manifest.get("params", {}).get("after", 0)),
             fingerprint=fingerprint(path),
+            key=f"{path.name}@{next(_loads)}",
+            manifest=manifest,
         )
         warm_up(model)
     except PackerError as exc:
-        raise RegistryError(f"model {path.name} ({path}): {exc}") from exc
+        log.error("model %s (%s): %s", path.name, path, exc)
+        raise RegistryError(f"model {path.name}: {public(str(exc), path)}") from exc
+    except Exception as exc:  # a model that cannot warm up must not take the server down
+        log.exception("model %s (%s) failed to load", path.name, path)
+        raise RegistryError(f"model {path.name}: failed to load or warm up ({type(exc).__name__})") from exc
     log.info("serving %s: %s, %s variant on %s", model.name, model.task, variant, backend.name)
     return model
 
 
-def fingerprint(path: Path) -> str:
-    try:
-        return hashlib.sha256((path / "pack.json").read_bytes()).hexdigest()
-    except OSError:
-        return ""
-
-
-def load_models(settings: Settings) -> dict[str, ServedModel]:
+def load_models(settings: Settings) -> tuple[dict[str, ServedModel], dict[str, str]]:
+    """Every artifact under the models directory: those that load, and why the others did not."""
     on_cuda = settings.device in ("auto", "cuda") and cuda_available()
-    return {p.name: load_model(p, settings, on_cuda) for p in discover(settings.models_dir)}
+    models, failed = {}, {}
+    for path in discover(settings.models_dir):
+        try:
+            models[path.name] = load_model(path, settings, on_cuda)
+        except RegistryError as exc:
+            failed[path.name] = str(exc)
+    return models, failed
 
 
 @dataclass
@@ -151,11 +215,14 @@ class Reload:
     removed: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # name -> why; the old model (if any) stays
     models: dict[str, ServedModel] = field(default_factory=dict)
+    still_failed: dict[str, str] = field(default_factory=dict)  # models not serving after this reload
 
 
-def reload_models(settings: Settings, current: dict[str, ServedModel]) -> Reload:
+def reload_models(
+    settings: Settings, current: dict[str, ServedModel], failed: dict[str, str] | None = None
+) -> Reload:
     """New and changed artifacts are loaded and warmed up; one that fails leaves the old model serving."""
-    result = Reload(models=dict(current))
+    result = Reload(models=dict(current), still_failed=dict(failed or {}))
     try:
         paths = discover(settings.models_dir)
     except RegistryError as exc:
@@ -170,11 +237,17 @@ def reload_models(settings: Settings, current: dict[str, ServedModel]) -> Reload
         try:
             result.models[path.name] = load_model(path, settings, on_cuda)
             result.loaded.append(path.name)
+            result.still_failed.pop(path.name, None)
         except RegistryError as exc:
             kept = "keeping the old model" if old else "not served"
             log.error("reload of %s failed, %s: %s", path.name, kept, exc)
             result.failed[path.name] = str(exc)
+            if old is None:
+                result.still_failed[path.name] = str(exc)
     on_disk = {p.name for p in paths}
+    for name in list(result.still_failed):
+        if name not in on_disk:
+            del result.still_failed[name]
     for name in list(result.models):
         if name not in on_disk:
             del result.models[name]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
 
 NonEmpty = Annotated[str, Field(min_length=1)]
 
@@ -16,13 +16,25 @@ class QAItem(BaseModel):
 
 
 class QAOptionsIn(BaseModel):
-    top_k: int = Field(1, ge=1, le=20)
-    max_answer_len: int = Field(30, ge=1, le=512, description="tokens")
-    max_seq_len: int = Field(384, ge=16, le=4096, description="tokens per window")
-    doc_stride: int = Field(128, ge=0, le=4096, description="tokens shared by consecutive windows")
-    handle_impossible_answer: bool = True
-    null_threshold: float = Field(0.0, allow_inf_nan=False)
-    align_to_words: bool = Field(True, description="widen answers to whole words of the context")
+    """Strict types: `top_k: true`, `"2"` or `2.0` are refused with the field named, not coerced."""
+
+    top_k: StrictInt = Field(1, ge=1, le=20)
+    max_answer_len: StrictInt = Field(30, ge=1, le=512, description="tokens")
+    max_seq_len: StrictInt | None = Field(
+        None,
+        ge=16,
+        le=4096,
+        description="tokens per window; default min(384, what the model's positions allow)",
+    )
+    doc_stride: StrictInt | None = Field(
+        None,
+        ge=0,
+        le=4096,
+        description="tokens shared by consecutive windows; default min(128, max_seq_len / 3)",
+    )
+    handle_impossible_answer: StrictBool = True
+    null_threshold: StrictFloat | StrictInt = Field(0.0, allow_inf_nan=False)
+    align_to_words: StrictBool = Field(True, description="widen answers to whole words of the context")
 
 
 class QARequest(QAOptionsIn):
@@ -81,8 +93,10 @@ class ClassifyRequest(BaseModel):
     text: NonEmpty | None = None
     text_pair: NonEmpty | None = None
     items: list[ClassifyItem] | None = Field(None, min_length=1)
-    return_all_scores: bool = False
-    max_seq_len: int = Field(512, ge=8, le=4096)
+    return_all_scores: StrictBool = False
+    max_seq_len: StrictInt | None = Field(
+        None, ge=8, le=4096, description="tokens; default: what the model's positions allow (512 for BERT)"
+    )
 
     @model_validator(mode="after")
     def _one_shape(self) -> ClassifyRequest:
@@ -119,14 +133,28 @@ class HFRequest(BaseModel):
 
 class ModelOut(BaseModel):
     name: str
-    task: str
-    variant: str
-    backend: str
-    device: str
-    dtype: str
-    params: int
-    batch_invariant: bool = Field(description="a window's answer does not depend on what shares its batch")
+    state: str = Field(description="ready | failed")
+    reason: str | None = Field(None, description="why a failed model is not served")
+    task: str | None = None
+    variant: str | None = None
+    backend: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    params: int | None = None
+    max_seq_len: int | None = Field(None, description="the default window length for this model")
+    max_window: int | None = Field(None, description="the longest window its positions allow")
+    batch_invariant: bool | None = Field(
+        None, description="a window's answer does not depend on what shares its batch"
+    )
     labels: list[str] | None = None
+
+
+class ModelInfo(ModelOut):
+    source: dict | None = None
+    packer_version: str | None = None
+    files: dict[str, str] | None = Field(None, description="sha256 of every file of the artifact")
+    arch: str | None = None
+    max_position_embeddings: int | None = None
 
 
 class ModelsResponse(BaseModel):

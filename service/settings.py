@@ -49,13 +49,39 @@ class Settings(BaseSettings):
     max_context_chars: int = Field(100_000, ge=1, description="characters per context or text")
 
     api_key: SecretStr | None = Field(
-        None, description="when set, every route but /health and /ready needs it"
+        None, description="when set, every route but /health and /ready needs it; empty counts as unset"
+    )
+    open_admin: bool = Field(
+        False, description="serve admin routes (reload) without an API key; loud warning; off by default"
     )
     metrics_require_key: bool = Field(False, description="also protect /metrics with the API key")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
     graceful_shutdown_s: float = Field(
         30.0, ge=0, description="how long SIGTERM waits for in-flight requests"
     )
+    read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a request's headers and body must arrive within this, or the connection closes",
+    )
+    keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
+    max_connections: int = Field(
+        1024, ge=1, description="concurrent connections; beyond it 503 (keep below the descriptor limit)"
+    )
+    access_log: bool = Field(
+        False, description="one JSON line per request: method, route, status, duration, request id, model"
+    )
+    require_all_models: bool = Field(
+        False, description="/ready only when every model loaded; otherwise when at least one serves"
+    )
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_no_key(cls, value):
+        # docker compose's ${PRUNE_SERVE_API_KEY:-} passes an empty string: that must not be a key.
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return value
 
     @field_validator("variant")
     @classmethod

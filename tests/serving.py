@@ -21,10 +21,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, models_dir: Path, log: Path, **settings):
+    def __init__(self, models_dir: Path, log: Path, wait_for: str = "/ready", **settings):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, PRUNE_SERVE_MODELS_DIR=str(models_dir), PRUNE_SERVE_THREADS="1")
+        env = dict(
+            os.environ,
+            PRUNE_SERVE_MODELS_DIR=str(models_dir),
+            PRUNE_SERVE_THREADS="1",
+            PRUNE_SERVE_DEVICE="cpu",
+        )
         env.update({f"PRUNE_SERVE_{k.upper()}": str(v) for k, v in settings.items()})
         self.log = log
         self._log_file = open(log, "w")  # noqa: SIM115 - stays open for the server's lifetime
@@ -34,15 +39,15 @@ class Server:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
         )
-        self._wait_ready()
+        self._wait_ready(wait_for)
 
-    def _wait_ready(self, timeout: float = 60) -> None:
+    def _wait_ready(self, path: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"prune-serve exited with {self.proc.returncode}: {self.log.read_text()}")
             try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                if httpx.get(self.url + path, timeout=1).status_code == 200:
                     return
             except httpx.TransportError:
                 pass

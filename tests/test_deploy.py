@@ -25,7 +25,7 @@ PORT = 8000
 
 
 def routes() -> set[str]:
-    return {r.path for r in create_app(Settings()).routes}
+    return set(create_app(Settings()).openapi()["paths"])
 
 
 def exported_metrics() -> set[str]:

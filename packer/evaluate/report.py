@@ -4,15 +4,19 @@ in the seeds' Table 2 style. Each row is evaluated in its own process (thread po
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from packer.errors import PackerError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,7 +52,10 @@ def _eval(task: str, data: str, target: list[str], common: list[str]) -> dict:
         "--report-json",
         out,
     ]
+    log.info("evaluating %s ...", " ".join(target))  # each row takes tens of seconds: say what runs
+    start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
+    log.info("  done in %.0f s", time.perf_counter() - start)
     try:
         if done.returncode != 0:
             raise PackerError(
