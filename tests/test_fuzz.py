@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-schemathesis = pytest.importorskip("schemathesis")
+from tests.conftest import require_module
+
+schemathesis = require_module("schemathesis", "schemathesis not installed (dev extra)")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.pytest import from_fixture  # noqa: E402
 

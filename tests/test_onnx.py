@@ -63,11 +63,24 @@ def test_fp32_onnx_matches_torch(which, request):
     assert masked_diff(run_all(torch_backend, batches), run_all(ort_backend, batches), batches) < 1e-4
 
 
+def op_counts(path) -> dict[str, int]:
+    """Operators counted in the ONNX file itself (not in pack.json, the packer's report of itself)."""
+    import collections
+
+    import onnx
+
+    return collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
 def test_every_layer_with_heads_is_fused(bert_onnx, roberta_onnx):
     for artifact, layers_with_heads in ((bert_onnx, 3), (roberta_onnx, 3)):  # layer 2 has no heads
+        ops = op_counts(artifact / "model.onnx")
+        assert ops["Attention"] == layers_with_heads, ops
+        assert ops["Softmax"] == 0  # no unfused attention left beside the fused nodes
         fusion = json.loads((artifact / "pack.json").read_text())["variants"]["onnx"]["fusion"]
-        assert fusion["fused"] is True
-        assert fusion["attention_nodes"] == fusion["expected_attention_nodes"] == layers_with_heads
+        assert fusion["fused"] is True and fusion["attention_nodes"] == ops["Attention"]
+    int8 = op_counts(bert_onnx / "model.int8.onnx")
+    assert int8["QAttention"] + int8["DynamicQuantizeMatMul"] + int8["MatMulInteger"] > 0, int8
 
 
 def test_onnx_has_dynamic_batch_and_sequence(bert_onnx):
@@ -101,6 +114,15 @@ def test_int8_and_fp16_agree_with_fp32(bert_onnx):
     )
     assert agree > 0.5  # most inputs keep their argmax
     assert (bert_onnx / "model.int8.onnx").stat().st_size < (bert_onnx / "model.onnx").stat().st_size
+    # The fp16 graph itself runs (ONNX Runtime's CPU provider) and agrees with fp32.
+    import onnx
+
+    fp16_graph = onnx.load(str(bert_onnx / "model.fp16.onnx"))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16_graph.graph.initializer)
+    fp16 = run_all(open_backend(bert_onnx, "onnx-fp16", device="cpu"), batches)
+    for a, b in zip(fp32, fp16, strict=True):
+        for k in a:
+            assert np.isfinite(b[k]).all() and np.corrcoef(a[k].ravel(), b[k].ravel())[0, 1] > 0.99
 
 
 def test_static_int8_calibrated_on_text(bert_qa_src, tmp_path):
@@ -126,6 +148,8 @@ def test_static_int8_calibrated_on_text(bert_qa_src, tmp_path):
     assert entry["quantization"] == "static" and entry["calibration_examples"] == len(QA_PAIRS)
     assert entry["agreement_with_fp32"]["correlation"] > 0.9
     assert open_backend(out, "onnx-int8", device="cpu").dtype == "int8"
+    ops = op_counts(out / "model.int8.onnx")  # static QDQ: the graph holds the quantize/dequantize pairs
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0, ops
 
 
 def test_static_int8_without_calibration_is_refused(bert_qa_src, tmp_path, capsys):

@@ -19,22 +19,11 @@ import httpx
 import pytest
 
 from packer.synthetic import PROFILES, Shape, build_checkpoint
-from tests.serving import Server
+from tests.serving import Server, poll
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 QA_BODY = {"question": "When did the bridge open?", "context": "The bridge opened in 1883."}
-
-
-def poll(condition, timeout: float, every: float = 0.05):
-    """Wait until condition() is truthy (generous deadlines instead of fixed sleeps)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 @pytest.fixture(scope="module")

@@ -150,13 +150,23 @@ def test_config_pruned_heads_checkpoint(tmp_path):
     assert max_diff(hf_model(full), loaded.model, batches) < 1e-5
 
 
-def test_failed_verification_writes_nothing(bert_qa_src, tmp_path):
+def test_a_wrong_fold_fails_verification_and_writes_nothing(bert_qa_src, tmp_path, monkeypatch):
+    """A deliberately broken fold (the constant act(b1) of input-zero FFN dims dropped) at the default
+    tolerance: verification catches the genuinely different function, exit 3, nothing written."""
+    import packer.resize
     from packer.cli import main
 
+    class DropConstants(dict):
+        def __getitem__(self, name):
+            return lambda x: x * 0
+
+    monkeypatch.setattr(packer.resize, "ACT2FN", DropConstants())
     out = tmp_path / "out"
-    assert main(["pack", "-q", str(bert_qa_src), str(out), "--tolerance", "0"]) == 3
+    assert main(["pack", "-q", str(bert_qa_src), str(out)]) == 3
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no temporary directory left behind either
+    monkeypatch.undo()
+    assert main(["pack", "-q", str(bert_qa_src), str(out)]) == 0  # the real fold passes
 
 
 def test_existing_output_needs_force(bert_qa_src, tmp_path):

@@ -66,11 +66,56 @@ def test_gated_real_qa_model_packs_exactly(tmp_path):
     assert max_diff(reference, loaded.model, [dict(enc)]) < 1e-4
 
 
-def test_real_classifier_packs_exactly(tmp_path):
-    pack(str(SST_MODEL), tmp_path / "sst2", PackOptions(progress=False))
+def test_gated_real_classifier_packs_exactly(tmp_path):
+    masks = weakest_gates(6, 12, 1536, seed=1)
+    (tmp_path / "masks.json").write_text(json.dumps(masks))
+    manifest = pack(
+        str(SST_MODEL), tmp_path / "sst2", PackOptions(masks=str(tmp_path / "masks.json"), progress=False)
+    )
+    assert manifest["structure"]["heads_after"] == 72 - 15
     loaded = packer.load(tmp_path / "sst2")
     assert loaded.config.id2label == {0: "negative", 1: "positive"}
+    reference = hf_model(SST_MODEL)
+    gate_hooks(reference, masks, head_dim=32)
     with open(SHARED_DATA / "sst2" / "dev.tsv") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))[600:632]  # the held-out rows
     enc = loaded.tokenizer([r["sentence"] for r in rows], padding=True, return_tensors="pt")
-    assert max_diff(hf_model(SST_MODEL), loaded.model, [dict(enc)]) < 1e-4
+    assert max_diff(reference, loaded.model, [dict(enc)]) < 1e-4
+
+
+def test_served_answers_equal_the_reference_predictions(tmp_path):
+    """QA through the real HTTP service against predictions made with transformers and standard
+    post-processing (windows 256/96, no word alignment: `reference_predictions_heldout.json`)."""
+    import httpx
+
+    from tests.serving import Server
+
+    reference = json.loads((QA_MODEL / "reference_predictions_heldout.json").read_text())
+    data = json.loads((SHARED_DATA / "squad_v2" / "dev-v2.0.json").read_text())
+    questions = [
+        (qa["id"], qa["question"], p["context"])
+        for article in data["data"]
+        for p in article["paragraphs"]
+        for qa in p["qas"]
+        if qa["id"] in reference
+    ][:120]
+    pack(str(QA_MODEL), tmp_path / "models" / "minilm", PackOptions(progress=False))
+    srv = Server(tmp_path / "models", tmp_path / "serve.log", variant="torch")
+    try:
+        got = {}
+        with httpx.Client(base_url=srv.url, timeout=60) as http:
+            for qid, question, context in questions:
+                body = {
+                    "question": question,
+                    "context": context,
+                    "max_seq_len": 256,
+                    "doc_stride": 96,
+                    "align_to_words": False,
+                }
+                result = http.post("/v1/models/minilm/qa", json=body).json()["results"][0]
+                got[qid] = "" if result["is_impossible"] else result["answers"][0]["answer"]
+    finally:
+        srv.stop()
+    wrong = {qid: (got[qid], reference[qid]) for qid in got if got[qid] != reference[qid]}
+    assert not wrong, f"{len(wrong)} of {len(got)} differ: {list(wrong.items())[:5]}"
+    assert sum(1 for v in got.values() if v) > 30  # answers, not only abstentions

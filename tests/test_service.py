@@ -16,7 +16,7 @@ import pytest
 import packer
 from packer.samples import QA_PAIRS, SENTENCES
 from packer.tasks.qa import QAOptions, make_windows
-from tests.serving import Server
+from tests.serving import Server, poll
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -247,12 +247,17 @@ def test_full_queue_is_429_at_once_and_late_is_504(busy_server):
     results = asyncio.run(fire())
     codes = sorted(r.status_code for r, _ in results)
     assert codes == [429] * 6 + [504] * 4
-    for r, took in results:
+    for r, _ in results:
         if r.status_code == 429:
-            assert r.headers["retry-after"] == "1" and took < 0.4
+            assert r.headers["retry-after"] == "1"
             assert "queued" in r.json()["error"]["message"]
         else:
             assert r.json()["error"]["type"] == "deadline_exceeded"
+    # "At once": every 429 came back before any admitted request reached its deadline (relative, so a
+    # loaded machine does not make it flaky).
+    assert max(t for r, t in results if r.status_code == 429) < min(
+        t for r, t in results if r.status_code == 504
+    )
     assert httpx.get(busy_server.url + "/v1/models", headers=AUTH).status_code == 200
     assert busy_server.metric("prune_serve_errors_total", type="queue_full") >= 6
     # More windows than the whole queue holds can never be admitted: 413, not 429.
@@ -297,10 +302,9 @@ def test_disconnect_drops_windows_and_sigterm_drains(models_dir, tmp_path):
                 b"POST /v1/models/qa-torch/qa HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                 b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
             )
-            time.sleep(0.05)
-        time.sleep(1.0)
-        assert srv.metric("prune_serve_batch_size_sum", model="qa-torch") == before  # never ran
-        assert srv.metric("prune_serve_request_duration_seconds_count", status="499") == 1
+        # The client is gone before the 600 ms batching wait ends: the request is answered 499 ...
+        poll(lambda: srv.metric("prune_serve_request_duration_seconds_count", status="499") == 1, 30)
+        assert srv.metric("prune_serve_batch_size_sum", model="qa-torch") == before  # ... and never ran
 
         async def fire():
             async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
@@ -310,7 +314,11 @@ def test_disconnect_drops_windows_and_sigterm_drains(models_dir, tmp_path):
                     )
                     for q, c in QA_PAIRS
                 ]
-                await asyncio.sleep(0.2)  # admitted and waiting in the queue
+                # SIGTERM only once every request is admitted and waiting in the queue.
+                deadline = time.monotonic() + 10
+                while srv.metric("prune_serve_queue_depth", model="qa-torch") < len(QA_PAIRS):
+                    assert time.monotonic() < deadline and not any(j.done() for j in jobs)
+                    await asyncio.sleep(0.01)
                 srv.proc.send_signal(15)
                 return await asyncio.gather(*jobs)
 
