@@ -289,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", parents=[common], help="per-layer structure of a checkpoint or an artifact")
     p.add_argument("path", help="checkpoint directory, hub id, or packed artifact")
     p.add_argument("--masks", help="gates file to apply first (checkpoints only)")
-    p.add_argument("--task", choices=["qa", "classification"])
+    p.add_argument(
+        "--task", choices=["qa", "classification"], help="override the task read from the checkpoint"
+    )
     p.add_argument("--plot", metavar="FILE.png", help="also draw the per-layer structure")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_inspect)
@@ -300,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shape", action="append", metavar="BATCHxSEQ", help="repeatable; default 1x384 and 8x128"
     )
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: %(default)s)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs per shape (default: %(default)s)")
     p.add_argument("--threads", type=int, help="compute threads (default: all cores)")
     p.add_argument(
         "--variants", help="comma list of source,torch,onnx,onnx-int8,onnx-fp16 (default: all present)"
@@ -321,17 +323,24 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--model", help="the served model's name (with --url)")
     target.add_argument("--api-key", help="with --url, when the service wants one")
     target.add_argument("--limit", type=int, help="only the first N questions / rows")
-    target.add_argument("--threads", type=int)
+    target.add_argument("--threads", type=int, help="compute threads (default: all cores)")
     target.add_argument("--output", metavar="METRICS.json", help="write the metrics JSON")
     target.add_argument("--report-json", help=argparse.SUPPRESS)
     q = tasks.add_parser("squad2", parents=[common, target], help="EM/F1 with the official SQuAD v2 metric")
     q.add_argument("--predictions", metavar="PRED.json", help="score a {id: answer} file instead of a model")
     q.add_argument("--na-probs", metavar="NA.json", help="with --predictions: {id: null score} for best_*")
     q.add_argument("--articles", help="comma-separated article titles (e.g. a held-out split)")
-    q.add_argument("--save-predictions", metavar="PRED.json")
-    q.add_argument("--max-seq-len", type=int, default=384)
-    q.add_argument("--doc-stride", type=int, default=128)
-    q.add_argument("--max-answer-len", type=int, default=30)
+    q.add_argument("--save-predictions", metavar="PRED.json", help="write {id: answer} (and its na_probs)")
+    q.add_argument("--max-seq-len", type=int, default=384, help="tokens per window (default: %(default)s)")
+    q.add_argument(
+        "--doc-stride",
+        type=int,
+        default=128,
+        help="tokens shared by consecutive windows (default: %(default)s)",
+    )
+    q.add_argument(
+        "--max-answer-len", type=int, default=30, help="answer tokens at most (default: %(default)s)"
+    )
     q.add_argument(
         "--align-to-words",
         action=argparse.BooleanOptionalAction,
@@ -344,23 +353,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_eval_sst2)
 
     p = sub.add_parser("report", parents=[common], help="accuracy vs speed table and chart")
-    p.add_argument("task", choices=["squad2", "sst2"])
-    p.add_argument("--data", required=True)
+    p.add_argument("task", choices=["squad2", "sst2"], help="which evaluation")
+    p.add_argument("--data", required=True, help="SQuAD v2 JSON / SST-2 dev.tsv")
     p.add_argument("--source", required=True, help="the unpacked source checkpoint (the speedup baseline)")
     p.add_argument("--artifact", action="append", default=[], help="repeatable")
     p.add_argument("--variants", help="comma list (default: every variant each artifact has)")
     p.add_argument("--out", required=True, help="directory for report.md and report.png")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--articles")
-    p.add_argument("--rows")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--max-seq-len", type=int, default=384)
-    p.add_argument("--doc-stride", type=int, default=128)
+    p.add_argument("--limit", type=int, help="only the first N questions / rows")
+    p.add_argument("--articles", help="comma-separated article titles (squad2: a held-out split)")
+    p.add_argument("--rows", help="FIRST-LAST data rows, 1-based (sst2: a held-out split)")
+    p.add_argument("--threads", type=int, help="compute threads (default: all cores)")
+    p.add_argument("--max-seq-len", type=int, default=384, help="tokens per window (default: %(default)s)")
+    p.add_argument(
+        "--doc-stride",
+        type=int,
+        default=128,
+        help="tokens shared by consecutive windows (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("gates", parents=[common], help="a masks file closing the weakest heads / FFN dims")
-    p.add_argument("src")
-    p.add_argument("out", metavar="MASKS.json")
+    p.add_argument("src", help="checkpoint directory or hub id")
+    p.add_argument("out", metavar="MASKS.json", help="gates file to write")
     p.add_argument(
         "--heads", type=fraction, default=0.25, help="fraction of heads to close, in [0, 1) (0.25)"
     )

@@ -167,8 +167,11 @@ def test_overload_loses_nothing(models_dir, tmp_path):
         assert set(statuses) <= {200, 429, 504} and statuses[200] > 0 and statuses[429] > 0
         # Admitted requests end within their 1 s deadline, measured by the server (not by a client
         # sharing the cores): every 200 falls in the 2.5 s bucket of the duration histogram.
-        ok = srv.metric("prune_serve_request_duration_seconds_count", status="200")
-        within = srv.metric("prune_serve_request_duration_seconds_bucket", status="200", le="2.5")
+        route = "/v1/models/{name}/qa"
+        ok = srv.metric("prune_serve_request_duration_seconds_count", status="200", route=route)
+        within = srv.metric(
+            "prune_serve_request_duration_seconds_bucket", status="200", route=route, le="2.5"
+        )
         assert ok == statuses[200] and within == ok
         assert httpx.get(srv.url + "/ready").status_code == 200
     finally:
