@@ -84,6 +84,8 @@ async def _await_all(items: list[WorkItem], request: Request | None, deadline: f
         for it in items:
             it.future.cancel()  # queued windows are skipped by the worker
         results.cancel()
+        # Retrieve its outcome so asyncio does not log "exception was never retrieved" for every 504.
+        results.add_done_callback(lambda f: f.cancelled() or f.exception())
         raise
 
 
