@@ -375,3 +375,22 @@ def test_cli_mistakes_are_messages_with_exit_2(bert_qa_src, tmp_path):
     again = prune_pack("synth", str(tmp_path / "s"), "-q")
     assert again.returncode == 2 and "--force" in again.stderr
     assert prune_pack("synth", str(tmp_path / "s"), "-q", "--force").returncode == 0
+
+
+def test_accept_errors_at_the_descriptor_limit_are_logged_once_per_interval():
+    """What asyncio logs for every failed accept() at the descriptor limit (200k tracebacks in 20 s
+    before): one line per interval with the count of the suppressed ones; other records untouched."""
+    import logging
+
+    from service.connections import AcceptErrorThrottle
+
+    throttle = AcceptErrorThrottle(interval_s=60)
+
+    def record(message: str) -> logging.LogRecord:
+        exc = OSError(24, "Too many open files")
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, (), (OSError, exc, None))
+
+    kept = [throttle.filter(record("socket.accept() out of system resource")) for _ in range(1000)]
+    assert kept.count(True) == 1
+    assert throttle.suppressed == 999
+    assert throttle.filter(record("some other asyncio error")) is True
