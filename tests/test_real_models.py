@@ -44,16 +44,20 @@ def squad_heldout_pairs(n: int) -> list[tuple[str, str]]:
     return pairs[:n]
 
 
-def test_gated_real_qa_model_packs_exactly(tmp_path):
-    masks = weakest_gates(6, 12, 1536, seed=0)
+def pack_gated(src, tmp_path, seed: int):
+    """Pack a real model with gates; return it and transformers' own model with the same gates hooked in."""
+    masks = weakest_gates(6, 12, 1536, seed=seed)
     (tmp_path / "masks.json").write_text(json.dumps(masks))
-    manifest = pack(
-        str(QA_MODEL), tmp_path / "qa", PackOptions(masks=str(tmp_path / "masks.json"), progress=False)
-    )
+    out = tmp_path / src.name
+    manifest = pack(str(src), out, PackOptions(masks=str(tmp_path / "masks.json"), progress=False))
     assert manifest["structure"]["heads_after"] == 72 - 15
-    loaded = packer.load(tmp_path / "qa")
-    reference = hf_model(QA_MODEL)
+    reference = hf_model(src)
     gate_hooks(reference, masks, head_dim=32)
+    return packer.load(out), reference
+
+
+def test_gated_real_qa_model_packs_exactly(tmp_path):
+    loaded, reference = pack_gated(QA_MODEL, tmp_path, seed=0)
     questions, contexts = zip(*squad_heldout_pairs(8), strict=True)
     enc = loaded.tokenizer(
         list(questions),
@@ -67,16 +71,8 @@ def test_gated_real_qa_model_packs_exactly(tmp_path):
 
 
 def test_gated_real_classifier_packs_exactly(tmp_path):
-    masks = weakest_gates(6, 12, 1536, seed=1)
-    (tmp_path / "masks.json").write_text(json.dumps(masks))
-    manifest = pack(
-        str(SST_MODEL), tmp_path / "sst2", PackOptions(masks=str(tmp_path / "masks.json"), progress=False)
-    )
-    assert manifest["structure"]["heads_after"] == 72 - 15
-    loaded = packer.load(tmp_path / "sst2")
+    loaded, reference = pack_gated(SST_MODEL, tmp_path, seed=1)
     assert loaded.config.id2label == {0: "negative", 1: "positive"}
-    reference = hf_model(SST_MODEL)
-    gate_hooks(reference, masks, head_dim=32)
     with open(SHARED_DATA / "sst2" / "dev.tsv") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))[600:632]  # the held-out rows
     enc = loaded.tokenizer([r["sentence"] for r in rows], padding=True, return_tensors="pt")
