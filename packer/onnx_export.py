@@ -108,6 +108,9 @@ class Fusion:
     expected_attention_nodes: int
     operators: dict[str, int]
     note: str = ""
+    # How the residual + LayerNorm is expressed: "add+layernorm" (CPU graphs), "fused" (fp16/GPU
+    # SkipLayerNormalization) or "none" (no fusion ran).
+    skip_layer_norm: str = "none"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,9 +134,13 @@ def optimize(raw: Path, out: Path, config: PackedConfig, for_gpu: bool = False, 
     else:
         note = "" if attention == expected else f"{attention} of {expected} attention layers fused"
     fused = model is not None and attention == expected
+    skip_layer_norm = "none"
     if fused:
         if fp16:
             model.convert_float_to_float16(keep_io_types=True)
+            skip_layer_norm = "fused" if stats.get("SkipLayerNormalization") else "none"
+        elif unfuse_skip_layer_norm(model.model):
+            skip_layer_norm = "add+layernorm"  # CPU graph: see CPU_DISABLED_OPTIMIZERS
         model.save_model_to_file(str(out))
     else:
         log.warning("ONNX Runtime attention fusion incomplete (%s): keeping the unfused graph", note)
@@ -147,7 +154,50 @@ def optimize(raw: Path, out: Path, config: PackedConfig, for_gpu: bool = False, 
             wrapped.convert_float_to_float16(keep_io_types=True)
             graph = wrapped.model
         onnx.save(graph, str(out))
-    return Fusion(fused, attention, expected, stats, note)
+    return Fusion(fused, attention, expected, stats, note, skip_layer_norm)
+
+
+# ONNX Runtime 1.32's CPU kernel for the fused SkipLayerNormalization is ~10x slower than its
+# LayerNormalization (334 vs 34 us on 160x1024, 2 threads): CPU graphs keep the residual Add and a plain
+# LayerNormalization instead, and CPU sessions must not fuse them back (docs/performance.md).
+CPU_DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
+
+
+def unfuse_skip_layer_norm(model) -> int:
+    """Rewrite each com.microsoft SkipLayerNormalization of an onnx ModelProto as Add (+ Add bias) +
+    LayerNormalization; returns how many were rewritten. Nodes whose mean / inv-std outputs are used
+    stay fused (LayerNormalization's optional outputs are not the same tensors)."""
+    from onnx import helper
+
+    graph = model.graph
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    nodes, rewritten = [], 0
+    for node in graph.node:
+        if node.op_type != "SkipLayerNormalization" or node.domain != "com.microsoft":
+            nodes.append(node)
+            continue
+        outputs = list(node.output) + [""] * (4 - len(node.output))
+        if (outputs[1] and outputs[1] in used) or (outputs[2] and outputs[2] in used):
+            nodes.append(node)
+            continue
+        inputs = list(node.input) + [""] * (5 - len(node.input))
+        x, skip, gamma, beta, bias = inputs[:5]
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-12)
+        total = outputs[3] if outputs[3] else f"{node.name}_residual"
+        summed = f"{node.name}_sum" if bias else total
+        nodes.append(helper.make_node("Add", [x, skip], [summed], name=f"{node.name}_add"))
+        if bias:
+            nodes.append(helper.make_node("Add", [summed, bias], [total], name=f"{node.name}_add_bias"))
+        ln_inputs = [total, gamma] + ([beta] if beta else [])
+        nodes.append(
+            helper.make_node(
+                "LayerNormalization", ln_inputs, [outputs[0]], name=f"{node.name}_ln", axis=-1, epsilon=eps
+            )
+        )
+        rewritten += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return rewritten
 
 
 def quantize_int8_dynamic(src: Path, dst: Path, per_channel: bool = True) -> None:
@@ -222,7 +272,10 @@ def session(
         options.enable_cpu_mem_arena = False
     if not spinning:  # idle compute threads yield the cores (to tokenization and HTTP) instead of spinning
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = providers or ["CPUExecutionProvider"]
+    # On the CPU provider, keep ORT from fusing Add + LayerNormalization back into the slow kernel.
+    disabled = CPU_DISABLED_OPTIMIZERS if providers[0] == "CPUExecutionProvider" else None
     try:
-        return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
     except Exception as exc:
         raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from exc
