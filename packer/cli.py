@@ -247,6 +247,9 @@ def cmd_synth(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from packer.tasks.qa import QAOptions
+
+    QA_DEFAULTS = QAOptions()  # the QA defaults live in one place (packer/tasks/qa.py)
     from packer import __version__
 
     parser = argparse.ArgumentParser(prog="prune-pack", description=__doc__)
@@ -331,15 +334,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--na-probs", metavar="NA.json", help="with --predictions: {id: null score} for best_*")
     q.add_argument("--articles", help="comma-separated article titles (e.g. a held-out split)")
     q.add_argument("--save-predictions", metavar="PRED.json", help="write {id: answer} (and its na_probs)")
-    q.add_argument("--max-seq-len", type=int, default=384, help="tokens per window (default: %(default)s)")
+    q.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=QA_DEFAULTS.max_seq_len,
+        help="tokens per window (default: %(default)s)",
+    )
     q.add_argument(
         "--doc-stride",
         type=int,
-        default=128,
+        default=QA_DEFAULTS.doc_stride,
         help="tokens shared by consecutive windows (default: %(default)s)",
     )
     q.add_argument(
-        "--max-answer-len", type=int, default=30, help="answer tokens at most (default: %(default)s)"
+        "--max-answer-len",
+        type=int,
+        default=QA_DEFAULTS.max_answer_len,
+        help="answer tokens at most (default: %(default)s)",
     )
     q.add_argument(
         "--align-to-words",
@@ -363,11 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--articles", help="comma-separated article titles (squad2: a held-out split)")
     p.add_argument("--rows", help="FIRST-LAST data rows, 1-based (sst2: a held-out split)")
     p.add_argument("--threads", type=int, help="compute threads (default: all cores)")
-    p.add_argument("--max-seq-len", type=int, default=384, help="tokens per window (default: %(default)s)")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=QA_DEFAULTS.max_seq_len,
+        help="tokens per window (default: %(default)s)",
+    )
     p.add_argument(
         "--doc-stride",
         type=int,
-        default=128,
+        default=QA_DEFAULTS.doc_stride,
         help="tokens shared by consecutive windows (default: %(default)s)",
     )
     p.set_defaults(func=cmd_report)

@@ -92,7 +92,7 @@ async def _await_all(items: list[WorkItem], request: Request | None, deadline: f
 def _qa_options(body, model: ServedModel) -> qa.QAOptions:
     """The request's options; unset window sizes follow the model's own limits."""
     max_seq_len = body.max_seq_len or model.default_max_seq_len
-    doc_stride = body.doc_stride if body.doc_stride is not None else min(128, max_seq_len // 3)
+    doc_stride = body.doc_stride if body.doc_stride is not None else qa.doc_stride_for(max_seq_len)
     return qa.QAOptions(
         top_k=body.top_k,
         max_answer_len=body.max_answer_len,

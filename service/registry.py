@@ -135,7 +135,7 @@ def discover(models_dir: Path) -> list[Path]:
 def warm_up(model: ServedModel) -> None:
     """Run real text through every path once (first runs allocate and pick kernels)."""
     longest = model.default_max_seq_len
-    options = qa.QAOptions(max_seq_len=longest, doc_stride=min(128, longest // 4))
+    options = qa.QAOptions(max_seq_len=longest, doc_stride=qa.doc_stride_for(longest))
     if model.task == QA:
         windows = [w for q, c in QA_PAIRS[:4] for w in qa.make_windows(model.tokenizer, q, c, options)]
     else:

@@ -6,7 +6,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
 
+from packer.tasks.qa import QAOptions
+
 NonEmpty = Annotated[str, Field(min_length=1)]
+QA_DEFAULTS = QAOptions()  # the one home of the QA defaults (packer/tasks/qa.py), shared with evaluation
 
 
 class QAItem(BaseModel):
@@ -18,8 +21,8 @@ class QAItem(BaseModel):
 class QAOptionsIn(BaseModel):
     """Strict types: `top_k: true`, `"2"` or `2.0` are refused with the field named, not coerced."""
 
-    top_k: StrictInt = Field(1, ge=1, le=20)
-    max_answer_len: StrictInt = Field(30, ge=1, le=512, description="tokens")
+    top_k: StrictInt = Field(QA_DEFAULTS.top_k, ge=1, le=20)
+    max_answer_len: StrictInt = Field(QA_DEFAULTS.max_answer_len, ge=1, le=512, description="tokens")
     max_seq_len: StrictInt | None = Field(
         None,
         ge=16,
@@ -32,9 +35,11 @@ class QAOptionsIn(BaseModel):
         le=4096,
         description="tokens shared by consecutive windows; default min(128, max_seq_len / 3)",
     )
-    handle_impossible_answer: StrictBool = True
-    null_threshold: StrictFloat | StrictInt = Field(0.0, allow_inf_nan=False)
-    align_to_words: StrictBool = Field(True, description="widen answers to whole words of the context")
+    handle_impossible_answer: StrictBool = QA_DEFAULTS.handle_impossible_answer
+    null_threshold: StrictFloat | StrictInt = Field(QA_DEFAULTS.null_threshold, allow_inf_nan=False)
+    align_to_words: StrictBool = Field(
+        QA_DEFAULTS.align_to_words, description="widen answers to whole words of the context"
+    )
 
 
 class QARequest(QAOptionsIn):

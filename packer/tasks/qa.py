@@ -31,6 +31,11 @@ class QAOptions:
     align_to_words: bool = True  # widen spans to whole words of the context, as the HF pipeline does
 
 
+def doc_stride_for(max_seq_len: int) -> int:
+    """The default overlap for a window length: 128 tokens, or a third of a short window."""
+    return min(QAOptions.doc_stride, max_seq_len // 3)
+
+
 @dataclass
 class Window:
     input_ids: np.ndarray
