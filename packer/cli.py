@@ -250,6 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     from packer.tasks.qa import QAOptions
 
     QA_DEFAULTS = QAOptions()  # the QA defaults live in one place (packer/tasks/qa.py)
+    windows = argparse.ArgumentParser(add_help=False)  # how QA contexts are windowed (eval and report)
+    windows.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=QA_DEFAULTS.max_seq_len,
+        help="tokens per window (default: %(default)s)",
+    )
+    windows.add_argument(
+        "--doc-stride",
+        type=int,
+        default=QA_DEFAULTS.doc_stride,
+        help="tokens shared by consecutive windows (default: %(default)s)",
+    )
     from packer import __version__
 
     parser = argparse.ArgumentParser(prog="prune-pack", description=__doc__)
@@ -329,23 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--threads", type=int, help="compute threads (default: all cores)")
     target.add_argument("--output", metavar="METRICS.json", help="write the metrics JSON")
     target.add_argument("--report-json", help=argparse.SUPPRESS)
-    q = tasks.add_parser("squad2", parents=[common, target], help="EM/F1 with the official SQuAD v2 metric")
+    q = tasks.add_parser(
+        "squad2", parents=[common, target, windows], help="EM/F1 with the official SQuAD v2 metric"
+    )
     q.add_argument("--predictions", metavar="PRED.json", help="score a {id: answer} file instead of a model")
     q.add_argument("--na-probs", metavar="NA.json", help="with --predictions: {id: null score} for best_*")
     q.add_argument("--articles", help="comma-separated article titles (e.g. a held-out split)")
     q.add_argument("--save-predictions", metavar="PRED.json", help="write {id: answer} (and its na_probs)")
-    q.add_argument(
-        "--max-seq-len",
-        type=int,
-        default=QA_DEFAULTS.max_seq_len,
-        help="tokens per window (default: %(default)s)",
-    )
-    q.add_argument(
-        "--doc-stride",
-        type=int,
-        default=QA_DEFAULTS.doc_stride,
-        help="tokens shared by consecutive windows (default: %(default)s)",
-    )
     q.add_argument(
         "--max-answer-len",
         type=int,
@@ -363,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rows", help="FIRST-LAST data rows, 1-based (e.g. 601-872, a held-out split)")
     c.set_defaults(func=cmd_eval_sst2)
 
-    p = sub.add_parser("report", parents=[common], help="accuracy vs speed table and chart")
+    p = sub.add_parser("report", parents=[common, windows], help="accuracy vs speed table and chart")
     p.add_argument("task", choices=["squad2", "sst2"], help="which evaluation")
     p.add_argument("--data", required=True, help="SQuAD v2 JSON / SST-2 dev.tsv")
     p.add_argument("--source", required=True, help="the unpacked source checkpoint (the speedup baseline)")
@@ -374,18 +377,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--articles", help="comma-separated article titles (squad2: a held-out split)")
     p.add_argument("--rows", help="FIRST-LAST data rows, 1-based (sst2: a held-out split)")
     p.add_argument("--threads", type=int, help="compute threads (default: all cores)")
-    p.add_argument(
-        "--max-seq-len",
-        type=int,
-        default=QA_DEFAULTS.max_seq_len,
-        help="tokens per window (default: %(default)s)",
-    )
-    p.add_argument(
-        "--doc-stride",
-        type=int,
-        default=QA_DEFAULTS.doc_stride,
-        help="tokens shared by consecutive windows (default: %(default)s)",
-    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("gates", parents=[common], help="a masks file closing the weakest heads / FFN dims")
