@@ -1,0 +1,234 @@
+"""What each prune-pack subcommand does (the parser and main() are in packer/cli.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from packer.errors import PackerError
+
+log = logging.getLogger("prune-pack")
+
+
+def cmd_pack(args) -> int:
+    from packer.pack import PackOptions, pack
+
+    manifest = pack(
+        args.src,
+        args.out,
+        PackOptions(
+            task=args.task,
+            masks=args.masks,
+            tokenizer=args.tokenizer,
+            revision=args.revision,
+            tolerance=args.tolerance,
+            force=args.force,
+            progress=not args.quiet,
+            onnx=args.onnx,
+            int8=args.int8,
+            fp16=args.fp16,
+            per_channel=not args.no_per_channel,
+            calibration=args.calibration,
+            check_data=args.check_data,
+            sparse_storage=args.sparse_storage,
+        ),
+    )
+    s, eq, p = manifest["structure"], manifest["equivalence"], manifest["params"]
+    print(
+        f"packed {args.src} -> {args.out}\n"
+        f"  heads {s['heads_after']}/{s['heads_before']}, FFN dims {s['ffn_after']}/{s['ffn_before']}, "
+        f"encoder linear weights kept {s['encoder_linear_fraction_kept']:.1%}\n"
+        f"  parameters {p['before']:,} -> {p['after']:,}\n"
+        f"  equivalence: max abs logit diff {eq['max_abs_diff']:.2e} (tolerance {eq['tolerance']:g})\n"
+        f"  took {manifest['timings']['total_s']:.1f} s"
+    )
+    for name, entry in manifest["variants"].items():
+        line = f"  variant {name}: {entry['file']}"
+        if "fusion" in entry:
+            f = entry["fusion"]
+            line += f", attention fused {f['attention_nodes']}/{f['expected_attention_nodes']}"
+        if "equivalence" in entry:
+            line += f", max abs diff vs torch {entry['equivalence']['max_abs_diff']:.2e}"
+        if "agreement_with_fp32" in entry:
+            a = entry["agreement_with_fp32"]
+            line += f", argmax agreement {a['argmax_agreement']:.1%}, correlation {a['correlation']:.4f}"
+        print(line)
+    storage = manifest["storage"]
+    if storage["sparse_tensors"]:
+        print(
+            f"  sparse storage: {storage['sparse_tensors']} matrices as CSR, "
+            f"{storage['dense_bytes'] / storage['stored_bytes']:.1f}x smaller than dense"
+        )
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from packer.artifact import MANIFEST, read_manifest
+    from packer.inspection import plot_structure, render_table
+
+    path = Path(args.path)
+    if (path / MANIFEST).is_file():
+        manifest = read_manifest(path)
+        layers, params, title = manifest["layers"], manifest["params"], f"{path.name} (packed)"
+        summary = manifest["structure"]
+    else:
+        from packer.pack import PackOptions, layer_report, prepare
+        from packer.structure import summarize
+
+        prepared = prepare(args.path, PackOptions(masks=args.masks, task=args.task, progress=not args.quiet))
+        layers = [layer_report(ls) for ls in prepared.layers]
+        params, title = None, f"{args.path} (source)"
+        summary = summarize(prepared.layers, prepared.source.hidden_size)
+    if args.json:
+        print(json.dumps({"layers": layers, "structure": summary, "params": params}, indent=2))
+    else:
+        print(render_table(layers, params))
+        print(
+            f"encoder linear weights kept: {summary['encoder_linear_fraction_kept']:.1%}; "
+            f"density of what packing keeps: {summary['kept_weights_density']:.1%}"
+        )
+    if args.plot:
+        print(f"wrote {plot_structure(layers, args.plot, title)}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from packer.artifact import read_manifest, read_packed_config
+    from packer.backends.base import default_threads
+    from packer.evaluate.bench import encoder_flops, format_table, parse_shape, run_bench
+
+    shapes = args.shape or ["1x384", "8x128"]
+    try:
+        parsed = [parse_shape(s) for s in shapes]
+    except ValueError as exc:
+        raise PackerError(str(exc)) from None
+    manifest = read_manifest(Path(args.out))
+    variants = args.variants.split(",") if args.variants else ["source", *manifest["variants"]]
+    threads = args.threads or default_threads()
+    results = run_bench(args.src, args.out, shapes, variants, threads, args.warmup, args.runs, args.masks)
+    print(
+        f"torch {torch.__version__}, CPU, {threads} threads, median of {args.runs} runs, "
+        "one process per variant"
+    )
+    print(format_table(results, shapes))
+    config = read_packed_config(Path(args.out))
+    full_heads = [e["heads"]["before"] for e in manifest["layers"]]
+    full_ffn = [e["ffn_dims"]["before"] for e in manifest["layers"]]
+    for shape, (batch, seq) in zip(shapes, parsed, strict=True):
+        ratio = encoder_flops(config.hidden_size, config.head_dim, full_heads, full_ffn, batch, seq) / max(
+            encoder_flops(
+                config.hidden_size, config.head_dim, config.num_heads, config.intermediate_sizes, batch, seq
+            ),
+            1.0,
+        )
+        print(f"FLOP ratio source/packed at {shape}: {ratio:.2f}x (the limit packing alone can reach)")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+    return 0
+
+
+def _target(args):
+    from packer.evaluate.run import Target
+
+    return Target(
+        artifact=args.artifact,
+        variant=args.variant,
+        source=args.source,
+        url=args.url,
+        model=args.model,
+        api_key=args.api_key,
+        predictions=getattr(args, "predictions", None),
+        na_probs=getattr(args, "na_probs", None),
+        threads=args.threads,
+    )
+
+
+def _write_eval(args, result: dict) -> None:
+    print(json.dumps(result["metrics"], indent=2))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result["metrics"], indent=2) + "\n")
+    if getattr(args, "save_predictions", None) and "predictions" in result:
+        Path(args.save_predictions).write_text(json.dumps(result["predictions"], indent=1) + "\n")
+        Path(args.save_predictions).with_suffix(".na_probs.json").write_text(
+            json.dumps(result["na_probs"]) + "\n"
+        )
+    if args.report_json:
+        keep = {k: v for k, v in result.items() if k not in ("predictions", "na_probs")}
+        Path(args.report_json).write_text(json.dumps(keep, indent=2) + "\n")
+
+
+def cmd_eval_squad2(args) -> int:
+    from packer.evaluate.run import eval_squad2
+    from packer.tasks.qa import QAOptions
+
+    options = QAOptions(
+        max_seq_len=args.max_seq_len,
+        doc_stride=args.doc_stride,
+        max_answer_len=args.max_answer_len,
+        align_to_words=args.align_to_words,
+    )
+    articles = [a for a in (args.articles or "").split(",") if a] or None
+    result = eval_squad2(_target(args), args.data, options, articles, args.limit, progress=not args.quiet)
+    _write_eval(args, result)
+    return 0
+
+
+def cmd_eval_sst2(args) -> int:
+    from packer.evaluate.run import eval_sst2
+
+    _write_eval(args, eval_sst2(_target(args), args.data, args.rows, args.limit, progress=not args.quiet))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from packer.evaluate.report import build_report
+
+    table, chart = build_report(
+        task=args.task,
+        data=args.data,
+        source=args.source,
+        artifacts=args.artifact,
+        variants=args.variants.split(",") if args.variants else None,
+        out=Path(args.out),
+        limit=args.limit,
+        articles=args.articles,
+        rows=args.rows,
+        threads=args.threads,
+        extra=["--max-seq-len", str(args.max_seq_len), "--doc-stride", str(args.doc_stride)],
+    )
+    print(table.read_text())
+    print(f"wrote {table} and {chart}", file=sys.stderr)
+    return 0
+
+
+def cmd_gates(args) -> int:
+    from packer.checkpoint import read_source
+    from packer.gates import magnitude_gates
+
+    if not Path(args.out).parent.is_dir():
+        raise PackerError(
+            f"{Path(args.out).parent} does not exist; create it or write the gates file elsewhere"
+        )
+    source = read_source(args.src, progress=not args.quiet)
+    masks = magnitude_gates(source, args.heads, args.ffn)
+    Path(args.out).write_text(json.dumps(masks) + "\n")
+    closed_heads = sum(g.count(0) for g in masks["heads"].values())
+    closed_ffn = sum(g.count(0) for g in masks["ffn"].values())
+    print(
+        f"wrote {args.out}: {closed_heads} heads and {closed_ffn} FFN dims closed (lowest weight magnitude)"
+    )
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from packer.synthetic import build_profile
+
+    if Path(args.out).exists() and not args.force:
+        raise PackerError(f"{args.out} already exists; pass --force to overwrite it")
+    out = build_profile(args.out, args.profile, task=args.task, seed=args.seed, tokenizer_from=args.tokenizer)
+    print(f"wrote a random {args.profile} checkpoint to {out}")
+    return 0
