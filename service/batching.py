@@ -158,8 +158,13 @@ class FairQueue:
             longest = new_longest
         for key, ids in chosen.items():
             f = self._flows[key]
-            f.items = deque(it for it in f.items if id(it) not in ids)
-            size = sum(it.length for it in batch if id(it) in ids)
+            size, left = 0, len(ids)
+            while left and f.items and id(f.items[0]) in ids:  # usually the taken windows are the oldest
+                size += f.items.popleft().length
+                left -= 1
+            if left:  # length grouping took some from further back: rebuild this flow once
+                size += sum(it.length for it in f.items if id(it) in ids)
+                f.items = deque(it for it in f.items if id(it) not in ids)
             f.deficit -= size
             self.tokens -= size
             if not f.items:
