@@ -54,7 +54,10 @@ class Settings(BaseSettings):
     open_admin: bool = Field(
         False, description="serve admin routes (reload) without an API key; loud warning; off by default"
     )
-    metrics_require_key: bool = Field(False, description="also protect /metrics with the API key")
+    metrics_require_key: bool = Field(
+        True,
+        description="with an API key set, /metrics needs it too; false opens it (for an in-cluster scraper)",
+    )
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
     graceful_shutdown_s: float = Field(
         30.0, ge=0, description="how long SIGTERM waits for in-flight requests"

@@ -28,7 +28,13 @@ QA_BODY = {"question": "When did the bridge open?", "context": "The bridge opene
 
 @pytest.fixture(scope="module")
 def keyed(models_dir, tmp_path_factory):
-    srv = Server(models_dir, tmp_path_factory.mktemp("keyed") / "serve.log", api_key=KEY, access_log="true")
+    srv = Server(
+        models_dir,
+        tmp_path_factory.mktemp("keyed") / "serve.log",
+        api_key=KEY,
+        access_log="true",
+        metrics_require_key="false",
+    )
     yield srv
     srv.stop()
 
@@ -244,7 +250,7 @@ def test_every_file_is_verified_and_a_failing_model_leaves_the_rest_serving(mode
     config = json.loads((root / "cls" / "config.json").read_text())
     config["max_position_embeddings"] = 4096  # pack.json untouched
     (root / "cls" / "config.json").write_text(json.dumps(config))
-    srv = Server(root, tmp_path / "serve.log", api_key=KEY)
+    srv = Server(root, tmp_path / "serve.log", api_key=KEY, metrics_require_key="false")
     try:
         models = {m["name"]: m for m in httpx.get(srv.url + "/v1/models", headers=AUTH).json()["models"]}
         assert models["qa"]["state"] == "ready" and models["cls"]["state"] == "failed"

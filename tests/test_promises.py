@@ -21,8 +21,7 @@ def test_metrics_require_key_and_cors(models_dir, tmp_path):
     srv = Server(
         models_dir,
         tmp_path / "serve.log",
-        api_key=KEY,
-        metrics_require_key="true",
+        api_key=KEY,  # /metrics needs the key by default once a key is set
         cors_origins='["https://app.example"]',
     )
     try:

@@ -36,6 +36,7 @@ def busy_server(models_dir, tmp_path_factory):
         models_dir,
         tmp_path_factory.mktemp("logs") / "busy.log",
         api_key=KEY,
+        metrics_require_key="false",  # the tests read metrics without the key
         queue_size=4,
         max_wait_ms=1000,
         max_batch_size=64,
@@ -332,7 +333,7 @@ def test_disconnect_drops_windows_and_sigterm_drains(models_dir, tmp_path):
 def test_reload_swaps_changed_models_and_keeps_the_old_one_when_loading_fails(models_dir, tmp_path):
     root = tmp_path / "models"
     shutil.copytree(models_dir / "qa-torch", root / "m")
-    srv = Server(root, tmp_path / "serve.log", api_key=KEY)
+    srv = Server(root, tmp_path / "serve.log", api_key=KEY, metrics_require_key="false")
     try:
         body = {"question": "When did the bridge open?", "context": "The bridge opened in 1883."}
 
