@@ -1,4 +1,5 @@
-# Targets: `cpu` (default: pinned CPU torch + onnxruntime) and `cuda` (CUDA torch + onnxruntime-gpu).
+# Targets: `cpu` (default: ONNX Runtime only, no torch; serves onnx/onnx-int8 artifacts), `cpu-torch`
+# (pinned CPU torch as well: serves the torch variant too) and `cuda` (CUDA torch + onnxruntime-gpu).
 #   docker build --target cpu  -t prune-serve:cpu  --build-arg MODEL_SRC=madlag/bert-large-uncased-wwm-squadv2-x2.15-f83.2-d25-hybrid-v1 .
 #   docker build --target cuda -t prune-serve:cuda --build-arg MODEL_SRC=path/in/context --build-arg PACK_ARGS="--fp16" .
 # MODEL_SRC (hub id, or a checkpoint directory inside the build context) is packed at build time
@@ -6,8 +7,8 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 
-# ---- build: a virtual environment with the project and its CPU dependencies -------------------
-FROM ${PYTHON_IMAGE} AS build-cpu
+# ---- build-pack: everything prune-pack needs (CPU torch, transformers, the ONNX tools) ----------
+FROM ${PYTHON_IMAGE} AS build-pack
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # Builds without that index: TORCH_WHEELS names a directory in the build context holding the CPU wheel.
@@ -19,10 +20,18 @@ RUN --mount=type=bind,source=.,target=/ctx \
 COPY pyproject.toml README.md /src/
 COPY packer /src/packer
 COPY service /src/service
-RUN pip install "/src[onnx,serve]"
+RUN pip install "/src[pack,onnx,serve]"
+
+# ---- build-serve: only what serving an ONNX artifact needs (no torch, no transformers) -----------
+FROM ${PYTHON_IMAGE} AS build-serve
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
+COPY pyproject.toml README.md /src/
+COPY packer /src/packer
+COPY service /src/service
+RUN python3 -m venv /opt/venv && pip install "/src[onnx,serve]"
 
 # ---- pack: the model packed at build time (or an empty models directory) -------------------
-FROM build-cpu AS pack
+FROM build-pack AS pack
 ARG MODEL_SRC=""
 ARG MODEL_NAME=model
 ARG PACK_ARGS="--int8"
@@ -32,12 +41,27 @@ RUN --mount=type=bind,source=.,target=/ctx \
        elif [ -e "/ctx/${MODEL_SRC}" ]; then prune-pack pack -q "/ctx/${MODEL_SRC}" "/models/${MODEL_NAME}" ${PACK_ARGS}; \
        else HF_HOME=/tmp/hf prune-pack pack -q "${MODEL_SRC}" "/models/${MODEL_NAME}" ${PACK_ARGS}; fi
 
-# ---- cpu: the image that runs (no compilers, non-root) ---------------------------------------
+# ---- cpu: serves ONNX artifacts (onnx-int8 by default) with ONNX Runtime; no torch inside --------
 FROM ${PYTHON_IMAGE} AS cpu
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin prune
-COPY --from=build-cpu /opt/venv /opt/venv
+COPY --from=build-serve /opt/venv /opt/venv
 COPY --from=pack --chown=10001:10001 /models /app/models
 # DL3064 reads TOKENIZERS_PARALLELISM as a secret; it is not one.
+# hadolint ignore=DL3064
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    PRUNE_SERVE_MODELS_DIR=/app/models TOKENIZERS_PARALLELISM=false
+WORKDIR /app
+USER 10001
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=4)"]
+CMD ["prune-serve", "--host", "0.0.0.0", "--port", "8000"]
+
+# ---- cpu-torch: also serves the torch variant (and carries prune-pack) ---------------------------
+FROM ${PYTHON_IMAGE} AS cpu-torch
+RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin prune
+COPY --from=build-pack /opt/venv /opt/venv
+COPY --from=pack --chown=10001:10001 /models /app/models
 # hadolint ignore=DL3064
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     PRUNE_SERVE_MODELS_DIR=/app/models HF_HOME=/tmp/hf TOKENIZERS_PARALLELISM=false
@@ -60,7 +84,7 @@ RUN apt-get update \
 COPY pyproject.toml README.md /src/
 COPY packer /src/packer
 COPY service /src/service
-RUN pip install "/src[gpu,serve]"
+RUN pip install "/src[pack,gpu,serve]"
 
 FROM ${CUDA_IMAGE} AS cuda
 # hadolint ignore=DL3008

@@ -24,7 +24,7 @@ def fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from packer.tasks.qa import QAOptions
+    from packer.runtime.tasks.qa import QAOptions
 
     QA_DEFAULTS = QAOptions()  # the QA defaults live in one place (packer/tasks/qa.py)
     windows = argparse.ArgumentParser(add_help=False)  # how QA contexts are windowed (eval and report)
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "verbose", False):
-        from packer import onnx_export
+        from packer.build import onnx_export
 
         onnx_export.VERBOSE = True
     logging.basicConfig(

@@ -13,7 +13,7 @@ log = logging.getLogger("prune-pack")
 
 
 def cmd_pack(args) -> int:
-    from packer.pack import PackOptions, pack
+    from packer.build.pack import PackOptions, pack
 
     manifest = pack(
         args.src,
@@ -66,7 +66,7 @@ def cmd_pack(args) -> int:
 
 def cmd_inspect(args) -> int:
     from packer.artifact import MANIFEST, read_manifest
-    from packer.inspection import plot_structure, render_table
+    from packer.build.inspection import plot_structure, render_table
 
     path = Path(args.path)
     if (path / MANIFEST).is_file():
@@ -74,8 +74,8 @@ def cmd_inspect(args) -> int:
         layers, params, title = manifest["layers"], manifest["params"], f"{path.name} (packed)"
         summary = manifest["structure"]
     else:
-        from packer.pack import PackOptions, layer_report, prepare
-        from packer.structure import summarize
+        from packer.build.pack import PackOptions, layer_report, prepare
+        from packer.build.structure import summarize
 
         prepared = prepare(args.path, PackOptions(masks=args.masks, task=args.task, progress=not args.quiet))
         layers = [layer_report(ls) for ls in prepared.layers]
@@ -98,8 +98,8 @@ def cmd_bench(args) -> int:
     import torch
 
     from packer.artifact import read_manifest, read_packed_config
-    from packer.backends.base import default_threads
-    from packer.evaluate.bench import encoder_flops, format_table, parse_shape, run_bench
+    from packer.evaluate.model_bench import encoder_flops, format_table, parse_shape, run_bench
+    from packer.runtime.backends.base import default_threads
 
     shapes = args.shape or ["1x384", "8x128"]
     try:
@@ -163,7 +163,7 @@ def _write_eval(args, result: dict) -> None:
 
 def cmd_eval_squad2(args) -> int:
     from packer.evaluate.run import eval_squad2
-    from packer.tasks.qa import QAOptions
+    from packer.runtime.tasks.qa import QAOptions
 
     options = QAOptions(
         max_seq_len=args.max_seq_len,
@@ -206,8 +206,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_gates(args) -> int:
-    from packer.checkpoint import read_source
-    from packer.gates import magnitude_gates
+    from packer.build.checkpoint import read_source
+    from packer.build.gates import magnitude_gates
 
     if not Path(args.out).parent.is_dir():
         raise PackerError(
@@ -225,7 +225,7 @@ def cmd_gates(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from packer.synthetic import build_profile
+    from packer.synth.checkpoints import build_profile
 
     if Path(args.out).exists() and not args.force:
         raise PackerError(f"{args.out} already exists; pass --force to overwrite it")

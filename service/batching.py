@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from packer.tasks.padding import pad
+from packer.runtime.tasks.padding import BATCH_TOKENS, MAX_BATCH_SIZE, pad
 from service.errors import DeadlineExceeded, InferenceFailed, ModelUnavailable, QueueFull
 from service.metrics import Metrics
 
@@ -63,8 +63,8 @@ class WorkItem:
 
 @dataclass
 class BatchLimits:
-    max_batch_size: int = 32
-    max_batch_tokens: int = 8192
+    max_batch_size: int = MAX_BATCH_SIZE
+    max_batch_tokens: int = BATCH_TOKENS["cpu"]
     max_wait_ms: float = 2.0
     queue_size: int = 2048
     length_grouping: bool = True

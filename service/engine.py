@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 
-from packer.arch import QA
+from packer.artifact import QA
 from service.batching import Batcher, BatchLimits
 from service.errors import BadRequest, ModelNotFound, NotReady
 from service.metrics import Metrics

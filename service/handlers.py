@@ -11,7 +11,7 @@ import time
 
 from starlette.requests import Request
 
-from packer.tasks import classify, qa
+from packer.runtime.tasks import classify, qa
 from service.batching import WorkItem, new_flow
 from service.engine import Engine
 from service.errors import DeadlineExceeded, InvalidInput, PayloadTooLarge

@@ -7,20 +7,20 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from packer.arch import QA
 from packer.artifact import (
+    QA,
+    PackedConfig,
     fingerprint,
-    load_tokenizer,
     read_manifest,
     read_packed_config,
     verify_checksums,
 )
-from packer.backends import Backend, choose_variant, open_backend, present_variants
 from packer.errors import PackerError
-from packer.modeling import PackedConfig
-from packer.samples import QA_PAIRS, SENTENCES
-from packer.tasks import classify, qa
-from packer.tasks.padding import pad
+from packer.runtime.backends import Backend, choose_variant, open_backend, present_variants
+from packer.runtime.samples import QA_PAIRS, SENTENCES
+from packer.runtime.tasks import classify, qa
+from packer.runtime.tasks.padding import pad
+from packer.runtime.tokenizer import TextTokenizer, load_tokenizer
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class ServedModel:
     task: str
     variant: str
     backend: Backend
-    tokenizer: object
+    tokenizer: TextTokenizer
     config: PackedConfig
     params: int
     fingerprint: str = ""  # changes when pack.json or any file it lists changes
@@ -101,22 +101,6 @@ class ServedModel:
         }
 
 
-def cuda_available() -> bool:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return True
-    except ImportError:
-        pass
-    try:
-        import onnxruntime
-
-        return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-    except ImportError:
-        return False
-
-
 def discover(models_dir: Path) -> list[Path]:
     if not models_dir.is_dir():
         raise RegistryError(
@@ -155,12 +139,12 @@ def public(message: str, path: Path) -> str:
     return message
 
 
-def load_model(path: Path, settings: Settings, on_cuda: bool) -> ServedModel:
+def load_model(path: Path, settings: Settings) -> ServedModel:
     """Verify every file, open the backend, warm up; any failure is a RegistryError naming the model."""
     try:
         manifest = read_manifest(path)
         verify_checksums(path, manifest)  # every file pack.json lists, not only the served one
-        variant = choose_variant(settings.variant_for(path.name), present_variants(path), on_cuda)
+        variant = choose_variant(settings.variant_for(path.name), present_variants(path), settings.device)
         config = read_packed_config(path)
         backend = open_backend(
             path,
@@ -178,7 +162,7 @@ def load_model(path: Path, settings: Settings, on_cuda: bool) -> ServedModel:
             task=config.task,
             variant=variant,
             backend=backend,
-            tokenizer=load_tokenizer(path),
+            tokenizer=load_tokenizer(path, config),
             config=config,
             params=int(manifest.get("params", {}).get("after", 0)),
             fingerprint=fingerprint(path),
@@ -198,11 +182,10 @@ def load_model(path: Path, settings: Settings, on_cuda: bool) -> ServedModel:
 
 def load_models(settings: Settings) -> tuple[dict[str, ServedModel], dict[str, str]]:
     """Every artifact under the models directory: those that load, and why the others did not."""
-    on_cuda = settings.device in ("auto", "cuda") and cuda_available()
     models, failed = {}, {}
     for path in discover(settings.models_dir):
         try:
-            models[path.name] = load_model(path, settings, on_cuda)
+            models[path.name] = load_model(path, settings)
         except RegistryError as exc:
             failed[path.name] = str(exc)
     return models, failed
@@ -228,14 +211,13 @@ def reload_models(
     except RegistryError as exc:
         result.failed["*"] = f"{exc}; every model stays as it was"
         return result
-    on_cuda = settings.device in ("auto", "cuda") and cuda_available()
     for path in paths:
         old = current.get(path.name)
         if old is not None and old.fingerprint == fingerprint(path):
             result.unchanged.append(path.name)
             continue
         try:
-            result.models[path.name] = load_model(path, settings, on_cuda)
+            result.models[path.name] = load_model(path, settings)
             result.loaded.append(path.name)
             result.still_failed.pop(path.name, None)
         except RegistryError as exc:

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
 
-from packer.tasks.qa import QAOptions
+from packer.runtime.tasks.qa import QAOptions
 
 NonEmpty = Annotated[str, Field(min_length=1)]
 QA_DEFAULTS = QAOptions()  # the one home of the QA defaults (packer/tasks/qa.py), shared with evaluation

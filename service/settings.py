@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from packer.runtime.tasks.padding import BATCH_TOKENS, MAX_BATCH_SIZE, batch_tokens
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PRUNE_SERVE_", extra="ignore")
@@ -29,12 +31,13 @@ class Settings(BaseSettings):
         description="per-window: dynamic int8 runs one window at a time, so answers never depend on the "
         "batch (as fast on CPU); batched: padded batches, NOT batch-invariant (/v1/models says so)",
     )
-    max_batch_size: int = Field(32, ge=1, description="windows per batch")
+    max_batch_size: int = Field(MAX_BATCH_SIZE, ge=1, description="windows per batch")
     max_batch_tokens: int = Field(
         0,
         ge=0,
-        description="padded tokens per batch (batch x longest window); 0: 1024 on CPU, where batching "
-        "long windows gains nothing and padding costs, 16384 on CUDA",
+        description="padded tokens per batch (batch x longest window); 0: "
+        f"{BATCH_TOKENS['cpu']} on CPU, where batching long windows gains nothing and padding costs, "
+        f"{BATCH_TOKENS['cuda']} on CUDA",
     )
     max_wait_ms: float = Field(2.0, ge=0, description="wait for more windows, only when the queue is light")
     queue_size: int = Field(2048, ge=1, description="windows waiting, per model; beyond it requests get 429")
@@ -111,7 +114,7 @@ class Settings(BaseSettings):
     def batch_tokens_for(self, device: str) -> int:
         if self.max_batch_tokens:
             return self.max_batch_tokens
-        return 16384 if device == "cuda" else 1024
+        return batch_tokens(device)
 
     def variant_for(self, name: str) -> str:
         for pair in filter(None, (p.strip() for p in self.model_variants.split(","))):

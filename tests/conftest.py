@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from packer.synthetic import PrunePlan, build_checkpoint
+from packer.synth.checkpoints import PrunePlan, build_checkpoint
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -89,7 +89,7 @@ def roberta_cls_src(workdir) -> Path:
 
 @pytest.fixture(scope="session")
 def bert_qa_packed(workdir, bert_qa_src) -> Path:
-    from packer.pack import PackOptions, pack
+    from packer.build.pack import PackOptions, pack
 
     out = workdir / "bert-qa"
     pack(str(bert_qa_src), out, PackOptions(progress=False))
@@ -98,7 +98,7 @@ def bert_qa_packed(workdir, bert_qa_src) -> Path:
 
 @pytest.fixture(scope="session")
 def roberta_cls_packed(workdir, roberta_cls_src) -> Path:
-    from packer.pack import PackOptions, pack
+    from packer.build.pack import PackOptions, pack
 
     out = workdir / "roberta-cls"
     pack(str(roberta_cls_src), out, PackOptions(progress=False))
@@ -108,7 +108,7 @@ def roberta_cls_packed(workdir, roberta_cls_src) -> Path:
 @pytest.fixture(scope="session")
 def bert_onnx(workdir, bert_qa_src):
     out = workdir / "bert-qa-onnx"
-    from packer.pack import PackOptions, pack
+    from packer.build.pack import PackOptions, pack
 
     pack(str(bert_qa_src), out, PackOptions(progress=False, int8="dynamic", fp16=True))
     return out
@@ -116,7 +116,7 @@ def bert_onnx(workdir, bert_qa_src):
 
 @pytest.fixture(scope="session")
 def models_dir(workdir, bert_onnx, bert_qa_packed, roberta_cls_src):
-    from packer.pack import PackOptions, pack
+    from packer.build.pack import PackOptions, pack
 
     root = workdir / "served"
     root.mkdir()
@@ -150,7 +150,7 @@ def outputs(model, inputs) -> list[torch.Tensor]:
 
 def sample_inputs(tokenizer, task: str, vocab: int, pad: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Random ids with padding, and real text through the tokenizer."""
-    from packer.samples import QA_PAIRS, SENTENCES
+    from packer.runtime.samples import QA_PAIRS, SENTENCES
 
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab, (4, 40), generator=gen)
@@ -161,11 +161,24 @@ def sample_inputs(tokenizer, task: str, vocab: int, pad: int, seed: int = 0) -> 
     batches = [{"input_ids": ids, "attention_mask": mask}]
     if task == "question-answering":
         q, c = zip(*QA_PAIRS, strict=True)
-        enc = tokenizer(list(q), list(c), padding=True, return_tensors="pt")
+        batches.append(token_batch(tokenizer, list(q), list(c)))
     else:
-        enc = tokenizer(SENTENCES, padding=True, return_tensors="pt")
-    batches.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+        batches.append(token_batch(tokenizer, SENTENCES))
     return batches
+
+
+def token_batch(tokenizer, texts: list[str], pairs: list[str] | None = None, max_length: int = 512) -> dict:
+    """Texts (or pairs) through the artifact's tokenizer, right-padded into torch tensors."""
+    from packer.runtime.tasks.classify import encode
+    from packer.runtime.tasks.padding import pad
+
+    pairs = pairs or [None] * len(texts)
+    encoded = [encode(tokenizer, t, p, max_length) for t, p in zip(texts, pairs, strict=True)]
+    ids, mask, types, _ = pad(encoded, tokenizer.pad_token_id)
+    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    if types is not None:
+        batch["token_type_ids"] = torch.from_numpy(types)
+    return batch
 
 
 def max_diff(a_model, b_model, batches) -> float:

@@ -21,7 +21,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, models_dir: Path, log: Path, wait_for: str = "/ready", **settings):
+    def __init__(
+        self,
+        models_dir: Path,
+        log: Path,
+        wait_for: str = "/ready",
+        launcher: list[str] | None = None,
+        **settings,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(
@@ -34,7 +41,13 @@ class Server:
         self.log = log
         self._log_file = open(log, "w")  # noqa: SIM115 - stays open for the server's lifetime
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "--port", str(self.port), "--log-level", "warning"],
+            [
+                *(launcher or [sys.executable, "-m", "service.cli"]),
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
             env=env,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,

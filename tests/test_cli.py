@@ -2,10 +2,10 @@ import json
 
 import pytest
 
+from packer.build.structure import encoder_linear_params
 from packer.cli import main
-from packer.evaluate.bench import encoder_flops, parse_shape
-from packer.structure import encoder_linear_params
-from packer.synthetic import PROFILES, profile_plan
+from packer.evaluate.model_bench import encoder_flops, parse_shape
+from packer.synth.checkpoints import PROFILES, profile_plan
 
 
 def test_inspect_source_table(bert_qa_src, capsys):
@@ -91,7 +91,7 @@ def test_synth_then_pack_roundtrip(tmp_path, capsys):
 
 
 def test_gates_close_the_weakest_and_pack(tmp_path, capsys):
-    from packer.synthetic import PrunePlan, build_checkpoint
+    from packer.synth.checkpoints import PrunePlan, build_checkpoint
 
     src = build_checkpoint(tmp_path / "src", plan=PrunePlan(), seed=11)
     # Make one head and ten FFN dims clearly the weakest.

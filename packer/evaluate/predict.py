@@ -1,6 +1,6 @@
 """Predictions for evaluation: in process through a backend, or over HTTP through a running service.
 
-Both paths use packer.tasks (the same windows and post-processing as the service), so on the same
+Both paths use packer.runtime.tasks (the same windows and post-processing as the service), so on the same
 artifact they give the same predictions.
 """
 
@@ -15,11 +15,8 @@ from tqdm.auto import tqdm
 
 from packer.errors import PackerError
 from packer.evaluate.squad import questions
-from packer.tasks import classify, qa
-from packer.tasks.padding import pad
-
-BATCH_TOKENS = 1024
-BATCH_SIZE = 32
+from packer.runtime.tasks import classify, qa
+from packer.runtime.tasks.padding import MAX_BATCH_SIZE, batch_tokens, pad
 
 
 @dataclass
@@ -35,7 +32,9 @@ def _batches(windows: list, pad_id: int):
     for i in [*order, None]:
         if i is not None:
             longest = max([windows[j].length for j in batch] + [windows[i].length])
-            if not batch or (len(batch) < BATCH_SIZE and longest * (len(batch) + 1) <= BATCH_TOKENS):
+            if not batch or (
+                len(batch) < MAX_BATCH_SIZE and longest * (len(batch) + 1) <= batch_tokens("cpu")
+            ):
                 batch.append(i)
                 continue
         if batch:

@@ -138,8 +138,8 @@ def build_report(
     import torch
 
     from packer.artifact import VARIANT_FILES, read_manifest
-    from packer.backends import present_variants
-    from packer.checkpoint import resolve
+    from packer.build.checkpoint import resolve
+    from packer.runtime.backends import present_variants
 
     if not artifacts:
         raise PackerError("report needs at least one --artifact")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from packer.errors import PackerError
 from packer.evaluate import predict, squad
-from packer.tasks import qa
+from packer.runtime.tasks import qa
 
 
 @dataclass
@@ -39,19 +39,22 @@ class Target:
 def open_local(target: Target):
     """(backend, tokenizer, id2label) for an artifact variant or the source checkpoint."""
     if target.artifact:
-        from packer.artifact import load_tokenizer, read_packed_config
-        from packer.backends import choose_variant, open_backend, present_variants
+        from packer.artifact import read_packed_config
+        from packer.runtime.backends import choose_variant, open_backend, present_variants
+        from packer.runtime.tokenizer import load_tokenizer
 
-        variant = choose_variant(target.variant, present_variants(target.artifact), on_cuda=False)
+        variant = choose_variant(target.variant, present_variants(target.artifact), "cpu")
         backend = open_backend(target.artifact, variant, device="cpu", threads=target.threads)
         config = read_packed_config(Path(target.artifact))
-        return backend, load_tokenizer(Path(target.artifact)), config.id2label
-    from packer.backends.source import SourceBackend
-    from packer.pack import load_source_tokenizer
+        return backend, load_tokenizer(Path(target.artifact), config), config.id2label
+    from packer.build.pack import load_source_tokenizer
+    from packer.build.source_backend import SourceBackend
+    from packer.runtime.tokenizer import TextTokenizer
 
     backend = SourceBackend(target.source, threads=target.threads)
     labels = {int(k): v for k, v in (backend.source.config.get("id2label") or {}).items()}
-    return backend, load_source_tokenizer(backend.source, None), labels
+    tokenizer = TextTokenizer.from_transformers(load_source_tokenizer(backend.source, None))
+    return backend, tokenizer, labels
 
 
 def load_squad(path: str, articles: list[str] | None, limit: int | None) -> list[dict]:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from packer.arch import QA
+from packer.artifact import QA
 from service.engine import Engine
 from service.errors import InvalidInput
 from service.guard import validation_message

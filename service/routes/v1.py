@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from packer.arch import QA
+from packer.artifact import QA
 from service.errors import BadRequest
 from service.handlers import ClientGone, run_classify, run_qa
 from service.routes.deps import ERRORS, REQUEST_ERRORS, Deadline, EngineDep

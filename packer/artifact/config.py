@@ -1,0 +1,63 @@
+"""The packed model's shape: the `prune_serve` section of the artifact's config.json (no torch needed)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from packer.artifact.layout import CONFIG
+from packer.errors import ArtifactError
+
+
+@dataclass
+class PackedConfig:
+    arch: str
+    task: str
+    vocab_size: int
+    hidden_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float
+    hidden_act: str
+    pad_token_id: int
+    head_dim: int
+    num_heads: list[int]
+    intermediate_sizes: list[int]
+    id2label: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.num_heads)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    def section(self) -> dict:
+        """The `prune_serve` section of the artifact's config.json."""
+        data = asdict(self)
+        data["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        return data
+
+    @classmethod
+    def from_section(cls, data: dict) -> PackedConfig:
+        data = dict(data)
+        data["id2label"] = {int(k): v for k, v in (data.get("id2label") or {}).items()}
+        return cls(**data)
+
+    @property
+    def uses_token_types(self) -> bool:
+        """Whether windows carry token type ids (BERT: two segments; RoBERTa-style: one, nothing to feed)."""
+        return self.type_vocab_size > 1
+
+
+def read_packed_config(path: Path) -> PackedConfig:
+    file = Path(path) / CONFIG
+    try:
+        section = json.loads(file.read_text())["prune_serve"]
+        return PackedConfig.from_section(section)
+    except FileNotFoundError:
+        raise ArtifactError(f"{file}: missing") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{file}: no valid 'prune_serve' section ({exc!r})") from exc

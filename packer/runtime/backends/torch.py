@@ -1,0 +1,46 @@
+"""The packed torch model as a backend: fp32 on CPU, fp16 on CUDA."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from packer.runtime.backends.base import default_threads, resolve_device
+from packer.runtime.loading import LoadedModel
+
+
+def sees_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+class TorchBackend:
+    def __init__(
+        self, loaded: LoadedModel, device: str = "auto", strict: bool = False, threads: int | None = None
+    ):
+        self.device = resolve_device(device, torch.cuda.is_available(), strict, "torch")
+        self.dtype = "fp16" if self.device == "cuda" else "fp32"
+        self.name = f"torch-{self.device}-{self.dtype}"
+        self.batch_invariant = True  # padded rows differ by float rounding only (tested within 1e-5)
+        self.per_window = False
+        if self.device == "cpu":
+            torch.set_num_threads(threads or default_threads())
+        model = loaded.model
+        if self.device == "cuda":
+            model = model.half().to("cuda")
+        self.model = model.eval()
+        self.config = loaded.config
+
+    @torch.inference_mode()
+    def run(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        def tensor(a):
+            return (
+                None
+                if a is None
+                else torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)
+            )
+
+        out = self.model(tensor(input_ids), tensor(attention_mask), tensor(token_type_ids))
+        names = ("start_logits", "end_logits") if out.get("start_logits") is not None else ("logits",)
+        return {name: out[name].float().cpu().numpy() for name in names}

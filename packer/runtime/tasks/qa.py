@@ -1,0 +1,189 @@
+"""Extractive QA: split (question, context) into windows, and turn window logits into answers.
+
+Shared by the service and in-process evaluation, so both give the same predictions. SQuAD v2
+conventions: the null score is the [CLS] start+end logit sum (the lowest over windows), the best
+span is the highest start+end logit sum over all windows, and `null_score_diff` = null - best
+span is the `na_prob` that the evaluation thresholds on.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from packer.runtime.tokenizer import TextTokenizer
+
+N_BEST = 20
+
+
+class QAInputError(ValueError):
+    """The request cannot be windowed (the message says what to change)."""
+
+
+@dataclass(frozen=True)
+class QAOptions:
+    top_k: int = 1
+    max_answer_len: int = 30  # tokens
+    max_seq_len: int = 384
+    doc_stride: int = 128  # tokens shared by consecutive windows (HF semantics)
+    handle_impossible_answer: bool = True
+    null_threshold: float = 0.0
+    align_to_words: bool = True  # widen spans to whole words of the context, as the HF pipeline does
+
+
+def doc_stride_for(max_seq_len: int) -> int:
+    """The default overlap for a window length: 128 tokens, or a third of a short window."""
+    return min(QAOptions.doc_stride, max_seq_len // 3)
+
+
+@dataclass
+class Window:
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray | None
+    offsets: list[tuple[int, int] | None]  # char span in the context, None outside the context
+    word_spans: list[
+        tuple[int, int] | None
+    ]  # char span of the token's whole word (as far as this window holds it)
+    context_start: int  # first context token
+    context_end: int  # last context token (inclusive)
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class Answer:
+    answer: str
+    score: float
+    start: int
+    end: int
+    logit_sum: float = field(repr=False, default=0.0)
+
+
+@dataclass
+class QAResult:
+    answers: list[Answer]
+    is_impossible: bool
+    null_score_diff: float
+
+
+def make_windows(tokenizer: TextTokenizer, question: str, context: str, options: QAOptions) -> list[Window]:
+    question_tokens = tokenizer.count(question)
+    room = options.max_seq_len - question_tokens - tokenizer.num_special_tokens(pair=True)
+    if room < 1:
+        raise QAInputError(
+            f"the question is {question_tokens} tokens: with max_seq_len {options.max_seq_len} no room is "
+            "left for the context; shorten the question or raise max_seq_len"
+        )
+    if options.doc_stride >= room:
+        raise QAInputError(
+            f"doc_stride {options.doc_stride} must be smaller than the context room of a window "
+            f"({room} tokens with this question and max_seq_len {options.max_seq_len})"
+        )
+    windows = []
+    for enc in tokenizer.windows(question, context, options.max_seq_len, options.doc_stride):
+        offsets = [
+            tuple(off) if seq == 1 else None for off, seq in zip(enc.offsets, enc.sequence_ids, strict=True)
+        ]
+        context_positions = [j for j, seq in enumerate(enc.sequence_ids) if seq == 1]
+        if not context_positions:
+            continue
+        windows.append(
+            Window(
+                input_ids=np.asarray(enc.ids, dtype=np.int64),
+                attention_mask=np.ones(len(enc.ids), dtype=np.int64),
+                token_type_ids=np.asarray(enc.type_ids, dtype=np.int64) if tokenizer.token_types else None,
+                offsets=offsets,
+                word_spans=_word_spans(offsets, enc.word_ids),
+                context_start=context_positions[0],
+                context_end=context_positions[-1],
+            )
+        )
+    if not windows:
+        raise QAInputError("the context is empty after tokenization")
+    return windows
+
+
+def _word_spans(
+    offsets: list[tuple[int, int] | None], word_ids: list[int | None]
+) -> list[tuple[int, int] | None]:
+    """For each context token, the character span of its word (as the tokenizer's pre-tokenizer splits)."""
+    spans: dict[int, tuple[int, int]] = {}
+    for off, word in zip(offsets, word_ids, strict=True):
+        if off is None or word is None:
+            continue
+        start, end = spans.get(word, off)
+        spans[word] = (min(start, off[0]), max(end, off[1]))
+    return [
+        spans[word] if off is not None and word is not None else off
+        for off, word in zip(offsets, word_ids, strict=True)
+    ]
+
+
+def _through_marks(context: str, end: int) -> int:
+    """Move `end` past combining marks that belong to the span's last character (NFD accents)."""
+    while end < len(context) and unicodedata.category(context[end]) in ("Mn", "Mc", "Me"):
+        end += 1
+    return end
+
+
+def char_span(context: str, window: Window, s: int, e: int, align_to_words: bool) -> tuple[int, int]:
+    """Character span of tokens s..e; whole words when aligning, never ending inside a character."""
+    spans = window.word_spans if align_to_words else window.offsets
+    return spans[s][0], _through_marks(context, spans[e][1])
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def answer(
+    context: str, windows: list[Window], logits: list[tuple[np.ndarray, np.ndarray]], options: QAOptions
+) -> QAResult:
+    """Reconcile the windows' start/end logits into top_k answers and the no-answer decision."""
+    candidates: dict[tuple[int, int], Answer] = {}
+    min_null = float("inf")
+    for window, (start_logits, end_logits) in zip(windows, logits, strict=True):
+        n = window.length
+        start_logits, end_logits = start_logits[:n].astype(np.float64), end_logits[:n].astype(np.float64)
+        min_null = min(min_null, float(start_logits[0] + end_logits[0]))
+        # Span probability: softmax over [CLS] and the context tokens of this window.
+        allowed = np.zeros(n, dtype=bool)
+        allowed[0] = True
+        allowed[window.context_start : window.context_end + 1] = True
+        p_start = np.zeros(n)
+        p_end = np.zeros(n)
+        p_start[allowed] = _softmax(start_logits[allowed])
+        p_end[allowed] = _softmax(end_logits[allowed])
+        ctx = np.arange(window.context_start, window.context_end + 1)
+        starts = ctx[np.argsort(-start_logits[ctx])[:N_BEST]]
+        ends = ctx[np.argsort(-end_logits[ctx])[:N_BEST]]
+        for s in starts:
+            for e in ends:
+                if e < s or e - s + 1 > options.max_answer_len:
+                    continue
+                char_start, char_end = char_span(context, window, s, e, options.align_to_words)
+                logit_sum = float(start_logits[s] + end_logits[e])
+                key = (char_start, char_end)
+                if key not in candidates or candidates[key].logit_sum < logit_sum:
+                    candidates[key] = Answer(
+                        answer=context[char_start:char_end],
+                        score=float(p_start[s] * p_end[e]),
+                        start=char_start,
+                        end=char_end,
+                        logit_sum=logit_sum,
+                    )
+    ranked = sorted(candidates.values(), key=lambda a: a.logit_sum, reverse=True)
+    best = ranked[0].logit_sum if ranked else float("-inf")
+    null_score_diff = min_null - best
+    is_impossible = options.handle_impossible_answer and (
+        not ranked or null_score_diff > options.null_threshold
+    )
+    return QAResult(
+        answers=ranked[: options.top_k], is_impossible=bool(is_impossible), null_score_diff=null_score_diff
+    )

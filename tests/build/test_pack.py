@@ -1,0 +1,202 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import packer
+from packer.artifact import sha256_file
+from packer.build.pack import PackOptions, pack
+from packer.synth.checkpoints import PrunePlan, build_checkpoint
+from tests.conftest import EXPECTED_FFN, EXPECTED_HEADS, expected_params, hf_model, max_diff, sample_inputs
+
+
+def test_bert_qa_packed_equals_source(bert_qa_src, bert_qa_packed):
+    loaded = packer.load(bert_qa_packed)
+    assert loaded.config.num_heads == EXPECTED_HEADS
+    assert loaded.config.intermediate_sizes == EXPECTED_FFN
+    batches = sample_inputs(loaded.tokenizer, loaded.config.task, loaded.config.vocab_size, 0)
+    assert max_diff(hf_model(bert_qa_src), loaded.model, batches) < 1e-5
+
+
+def test_roberta_classification_from_bin_equals_source(roberta_cls_src, roberta_cls_packed):
+    loaded = packer.load(roberta_cls_packed)
+    assert loaded.config.arch == "roberta"
+    assert loaded.config.num_labels == 3
+    batches = sample_inputs(loaded.tokenizer, loaded.config.task, loaded.config.vocab_size, pad=1)
+    assert max_diff(hf_model(roberta_cls_src), loaded.model, batches) < 1e-5
+
+
+def test_eager_attention_path_equals_sdpa(bert_qa_src, bert_qa_packed):
+    loaded = packer.load(bert_qa_packed)
+    batches = sample_inputs(loaded.tokenizer, loaded.config.task, loaded.config.vocab_size, 0)
+    reference = hf_model(bert_qa_src)
+    loaded.model.set_attention_implementation("eager")
+    assert max_diff(reference, loaded.model, batches) < 1e-5
+
+
+def test_parameter_counts_are_exact(bert_qa_packed, roberta_cls_packed):
+    bert = packer.load(bert_qa_packed)
+    c = bert.config
+    assert sum(p.numel() for p in bert.model.parameters()) == expected_params(
+        c.task, c.vocab_size, c.max_position_embeddings, c.type_vocab_size
+    )
+    assert bert.manifest["params"]["after"] == expected_params(
+        c.task, c.vocab_size, c.max_position_embeddings, c.type_vocab_size
+    )
+    roberta = packer.load(roberta_cls_packed)
+    c = roberta.config
+    assert sum(p.numel() for p in roberta.model.parameters()) == expected_params(
+        c.task, c.vocab_size, c.max_position_embeddings, c.type_vocab_size, num_labels=3
+    )
+
+
+def test_layer_without_heads_or_ffn_is_bias_only(bert_qa_packed):
+    state = load_file(str(bert_qa_packed / "model.safetensors"))
+    assert "layers.2.attention.query.weight" not in state
+    assert "layers.2.attention.output.weight" not in state
+    assert state["layers.2.attention.output.bias"].shape == (32,)
+    assert "layers.3.ffn.intermediate.weight" not in state
+    assert state["layers.3.ffn.output.bias"].shape == (32,)
+    assert state["layers.0.attention.query.weight"].shape == (3 * 8, 32)
+
+
+def test_manifest_records_provenance_and_proof(bert_qa_src, bert_qa_packed):
+    manifest = json.loads((bert_qa_packed / "pack.json").read_text())
+    assert manifest["task"] == "question-answering"
+    assert manifest["source"]["weights"][0]["sha256"] == sha256_file(bert_qa_src / "model.safetensors")
+    assert [entry["heads"] for entry in manifest["layers"]][1] == {"before": 4, "after": 2}
+    assert manifest["layers"][1]["removed_heads"]["value_zero_folded"] == [2]
+    assert manifest["layers"][3]["uniform_attention_heads_kept"] == [1]
+    assert manifest["layers"][3]["ffn_dims"] == {"before": 64, "after": 0}
+    eq = manifest["equivalence"]
+    assert eq["passed"] and eq["max_abs_diff"] <= 1e-4 and eq["text_inputs"] > 0 and eq["random_inputs"] > 0
+    assert set(manifest["files"]) >= {"config.json", "model.safetensors", "tokenizer.json"}
+    for name, digest in manifest["files"].items():
+        assert sha256_file(bert_qa_packed / name) == digest
+    config = json.loads((bert_qa_packed / "config.json").read_text())
+    assert config["prune_serve"]["num_heads"] == EXPECTED_HEADS
+    assert config["prune_serve"]["intermediate_sizes"] == EXPECTED_FFN
+
+
+def gate_hooks(model, masks: dict, head_dim: int):
+    """McCarley semantics, independently of the packer: scale head outputs and FFN activations."""
+    layers = model.base_model.encoder.layer
+    handles = []
+    for section, module_of in (
+        ("heads", lambda layer: layer.attention.output.dense),
+        ("ffn", lambda layer: layer.output.dense),
+    ):
+        for idx, gates in masks.get(section, {}).items():
+            scale = torch.tensor(gates, dtype=torch.float32)
+            if section == "heads":
+                scale = scale.repeat_interleave(head_dim)
+            handles.append(
+                module_of(layers[int(idx)]).register_forward_pre_hook(lambda m, args, s=scale: (args[0] * s,))
+            )
+    return handles
+
+
+def test_gated_checkpoint(tmp_path):
+    src = build_checkpoint(tmp_path / "src", plan=PrunePlan(), seed=5)  # dense: gates do all the pruning
+    masks = {
+        "heads": {"0": [1, 0, 1, 1], "2": [0, 0, 0, 0]},
+        "ffn": {"1": [0] * 20 + [1] * 44, "3": [0] * 64},
+    }
+    (tmp_path / "masks.json").write_text(json.dumps(masks))
+    out = tmp_path / "out"
+    manifest = pack(str(src), out, PackOptions(masks=str(tmp_path / "masks.json"), progress=False))
+    assert manifest["source"]["masks"]["heads_off"] == 5
+    assert manifest["source"]["masks"]["ffn_dims_off"] == 84
+    loaded = packer.load(out)
+    assert loaded.config.num_heads == [3, 4, 0, 4]
+    assert loaded.config.intermediate_sizes == [64, 44, 64, 0]
+    reference = hf_model(src)
+    gate_hooks(reference, masks, head_dim=8)
+    batches = sample_inputs(loaded.tokenizer, loaded.config.task, loaded.config.vocab_size, 0)
+    assert max_diff(reference, loaded.model, batches) < 1e-5
+
+
+def test_config_pruned_heads_checkpoint(tmp_path):
+    """An old HF checkpoint pruned with prune_heads: smaller q/k/v, pruned_heads in its config."""
+    full = build_checkpoint(tmp_path / "full", plan=PrunePlan(heads={1: [0, 3], 2: [1]}), seed=6)
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in full.iterdir():
+        if f.name != "model.safetensors":
+            (old / f.name).write_bytes(f.read_bytes())
+    state = load_file(str(full / "model.safetensors"))
+    pruned = {1: [0, 3], 2: [1]}
+    for layer, heads in pruned.items():
+        keep = torch.tensor([h * 8 + j for h in range(4) if h not in heads for j in range(8)])
+        for part in ("query", "key", "value"):
+            for suffix in ("weight", "bias"):
+                key = f"bert.encoder.layer.{layer}.attention.self.{part}.{suffix}"
+                state[key] = state[key][keep].contiguous()
+        key = f"bert.encoder.layer.{layer}.attention.output.dense.weight"
+        state[key] = state[key][:, keep].contiguous()
+    save_file(state, str(old / "model.safetensors"))
+    config = json.loads((full / "config.json").read_text())
+    config["pruned_heads"] = {str(k): v for k, v in pruned.items()}
+    (old / "config.json").write_text(json.dumps(config))
+
+    manifest = pack(str(old), tmp_path / "out", PackOptions(progress=False))
+    assert manifest["source"]["expanded_pruned_heads"] == {"1": [0, 3], "2": [1]}
+    loaded = packer.load(tmp_path / "out")
+    assert loaded.config.num_heads == [4, 2, 3, 4]
+    batches = sample_inputs(loaded.tokenizer, loaded.config.task, loaded.config.vocab_size, 0)
+    # The full model with those heads zeroed computes what the pruned one did.
+    assert max_diff(hf_model(full), loaded.model, batches) < 1e-5
+
+
+def test_a_wrong_fold_fails_verification_and_writes_nothing(bert_qa_src, tmp_path, monkeypatch):
+    """A deliberately broken fold (the constant act(b1) of input-zero FFN dims dropped) at the default
+    tolerance: verification catches the genuinely different function, exit 3, nothing written."""
+    import packer.build.resize
+    from packer.cli import main
+
+    class DropConstants(dict):
+        def __getitem__(self, name):
+            return lambda x: x * 0
+
+    monkeypatch.setattr(packer.build.resize, "ACT2FN", DropConstants())
+    out = tmp_path / "out"
+    assert main(["pack", "-q", str(bert_qa_src), str(out)]) == 3
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary directory left behind either
+    monkeypatch.undo()
+    assert main(["pack", "-q", str(bert_qa_src), str(out)]) == 0  # the real fold passes
+
+
+def test_existing_output_needs_force(bert_qa_src, tmp_path):
+    from packer.errors import ArtifactError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    with pytest.raises(ArtifactError, match="already exists"):
+        pack(str(bert_qa_src), out, PackOptions(progress=False))
+    pack(str(bert_qa_src), out, PackOptions(progress=False, force=True))
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_sharded_safetensors_checkpoint(bert_qa_src, tmp_path):
+    src = tmp_path / "sharded"
+    shutil.copytree(bert_qa_src, src)
+    state = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    weight_map = {}
+    for name, names in shards.items():
+        save_file({k: state[k] for k in names}, str(src / name))
+        weight_map.update(dict.fromkeys(names, name))
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    manifest = pack(str(src), tmp_path / "out", PackOptions(progress=False))
+    assert [w["file"] for w in manifest["source"]["weights"]] == list(shards)
+    loaded = packer.load(tmp_path / "out")
+    assert loaded.config.num_heads == EXPECTED_HEADS
+    batches = sample_inputs(loaded.tokenizer, loaded.config.task, loaded.config.vocab_size, 0)
+    assert max_diff(hf_model(bert_qa_src), loaded.model, batches) < 1e-5
