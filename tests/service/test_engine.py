@@ -36,9 +36,8 @@ def ask(engine: Engine, name: str) -> dict:
     options = qa.QAOptions(max_seq_len=model.default_max_seq_len, doc_stride=16)
     windows = qa.make_windows(model.tokenizer, "When did it open?", "The bridge opened in 1883.", options)
     flow = new_flow()
-    items = [
-        WorkItem(w.input_ids, w.attention_mask, w.token_type_ids, time.monotonic() + 30, flow) for w in windows
-    ]
+    deadline = time.monotonic() + 30
+    items = [WorkItem(w.input_ids, w.attention_mask, w.token_type_ids, deadline, flow) for w in windows]
     engine.batcher.submit(model.key, items)
     return {k: v.tolist() for k, v in items[0].future.result(timeout=30).items()}
 
