@@ -7,6 +7,7 @@ import logging
 import sys
 
 from packer import commands
+from packer.artifact import Variant
 from packer.errors import PackerError
 
 log = logging.getLogger("prune-pack")
@@ -98,9 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: %(default)s)")
     p.add_argument("--runs", type=int, default=10, help="timed runs per shape (default: %(default)s)")
     p.add_argument("--threads", type=int, help="compute threads (default: all cores)")
-    p.add_argument(
-        "--variants", help="comma list of source,torch,onnx,onnx-int8,onnx-fp16 (default: all present)"
-    )
+    p.add_argument("--variants", help=f"comma list of source,{','.join(Variant)} (default: all present)")
     p.add_argument("--masks", help="gates file the artifact was packed with")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.set_defaults(func=commands.cmd_bench)

@@ -18,7 +18,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from packer import __version__
 from service.engine import Engine
-from service.errors import ModelNotFound, ServiceError, error_response
+from service.errors import (
+    BadRequest,
+    InternalError,
+    InvalidInput,
+    MethodNotAllowed,
+    ModelNotFound,
+    RouteNotFound,
+    ServiceError,
+    error_response,
+    status_of,
+)
 from service.guard import RequestGuard, validation_message
 from service.metrics import Metrics
 from service.routes import hf, ops, v1
@@ -35,15 +45,15 @@ def _model_label(request: Request, engine: Engine) -> str:
 
 
 def install_error_handlers(app: FastAPI, engine: Engine) -> None:
-    """Every error becomes {"error": {"type", "message", "request_id"}}: one place decides status and body."""
+    """Every error becomes a ServiceError, and errors.STATUS its status and body."""
 
-    def respond(request: Request, status: int, kind: str, message: str, headers=None):
-        engine.metrics.errors.labels(_model_label(request, engine), kind).inc()
-        return error_response(status, kind, message, headers, request_id=request.scope.get("request_id"))
+    def respond(request: Request, error: ServiceError):
+        engine.metrics.errors.labels(_model_label(request, engine), status_of(error)[1]).inc()
+        return error_response(error, request.scope.get("request_id"))
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
-        return respond(request, exc.status, exc.type, exc.message, exc.headers)
+        return respond(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -53,22 +63,17 @@ def install_error_handlers(app: FastAPI, engine: Engine) -> None:
                 engine.model(name)
             except ModelNotFound as missing:
                 return await service_error(request, missing)
-        return respond(request, 422, "validation_error", validation_message(exc.errors()))
+        return respond(request, InvalidInput(validation_message(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
             # Undecodable bytes or nesting too deep for the JSON parser: the same fix as any bad JSON.
-            return respond(
-                request, 422, "validation_error", "body: not valid JSON (send UTF-8 JSON of modest depth)"
-            )
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+            return respond(request, InvalidInput("body: not valid JSON (send UTF-8 JSON of modest depth)"))
+        # Starlette's own 404 and 405 (no route, wrong method): not counted as model errors.
+        error = {404: RouteNotFound, 405: MethodNotAllowed}.get(exc.status_code, BadRequest)
         return error_response(
-            exc.status_code,
-            kind,
-            str(exc.detail),
-            getattr(exc, "headers", None),
-            request_id=request.scope.get("request_id"),
+            error(str(exc.detail), getattr(exc, "headers", None)), request.scope.get("request_id")
         )
 
     @app.exception_handler(Exception)
@@ -77,7 +82,7 @@ def install_error_handlers(app: FastAPI, engine: Engine) -> None:
         log.exception(
             "unexpected error on %s (request %s)", request.url.path, request.scope.get("request_id")
         )
-        return respond(request, 500, "internal_error", "internal error; the server log has the cause")
+        return respond(request, InternalError("internal error; the server log has the cause"))
 
 
 def install_docs(app: FastAPI) -> None:
@@ -94,9 +99,7 @@ def install_docs(app: FastAPI) -> None:
     async def docs():
         if swagger_ui_path is None:
             return error_response(
-                404,
-                "not_found",
-                "API docs need the swagger-ui-bundle package (pip install swagger-ui-bundle)",
+                RouteNotFound("API docs need the swagger-ui-bundle package (pip install swagger-ui-bundle)")
             )
         return get_swagger_ui_html(
             openapi_url=app.openapi_url,

@@ -1,4 +1,9 @@
-"""Exceptions of the service and the one JSON error shape: {"error": {"type", "message"}}."""
+"""What can go wrong in the service, and the one table that turns each into a status and a JSON body.
+
+The engine, batcher and handlers raise these domain errors and know nothing of HTTP; `STATUS` (as TEI's
+one `match`) decides the status code and the `type` of {"error": {"type", "message", "request_id"}},
+for the routers' exception handler and the guard's early rejections alike.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,6 @@ from fastapi.responses import JSONResponse
 
 
 class ServiceError(Exception):
-    status = 500
-    type = "internal_error"
-
     def __init__(self, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
@@ -16,58 +18,101 @@ class ServiceError(Exception):
 
 
 class BadRequest(ServiceError):
-    status, type = 400, "bad_request"
+    """The request is well formed but asks for something this model does not do."""
 
 
 class Unauthorized(ServiceError):
-    status, type = 401, "unauthorized"
+    """No API key, or the wrong one."""
 
 
 class Forbidden(ServiceError):
-    status, type = 403, "forbidden"
+    """Admin routes without an API key configured."""
 
 
 class ModelNotFound(ServiceError):
-    status, type = 404, "model_not_found"
+    """No model by that name (or it failed to load)."""
+
+
+class RouteNotFound(ServiceError):
+    """No route at that path."""
+
+
+class MethodNotAllowed(ServiceError):
+    """The route exists; the method does not."""
 
 
 class PayloadTooLarge(ServiceError):
-    status, type = 413, "payload_too_large"
+    """A body, or a request's windows, over the limit."""
+
+
+class UnsupportedMediaType(ServiceError):
+    """A body that is not application/json."""
 
 
 class InvalidInput(ServiceError):
-    status, type = 422, "validation_error"
+    """The body does not match the request schema, or its tokens do not fit the model."""
 
 
 class QueueFull(ServiceError):
-    status, type = 429, "queue_full"
+    """The model's queue cannot take the request's windows now (or the server is stopping)."""
 
 
-class NotReady(ServiceError):
-    status, type = 503, "not_ready"
-
-
-class ModelUnavailable(ServiceError):
-    status, type = 503, "model_unavailable"
-
-
-class DeadlineExceeded(ServiceError):
-    status, type = 504, "deadline_exceeded"
+class ClientGone(ServiceError):
+    """The client disconnected; its windows were dropped (nobody reads the answer)."""
 
 
 class InferenceFailed(ServiceError):
-    status, type = 500, "inference_failed"
+    """The backend failed on this request's windows."""
 
 
-def error_response(
-    status: int,
-    type_: str,
-    message: str,
-    headers: dict[str, str] | None = None,
-    request_id: str | None = None,
-    **extra,
-) -> JSONResponse:
-    error = {"type": type_, "message": message}
+class ReloadFailed(ServiceError):
+    """Some artifact failed to load on reload (the old model, if any, keeps serving)."""
+
+
+class NotReady(ServiceError):
+    """Models are loading, or the server is stopping."""
+
+
+class ModelUnavailable(ServiceError):
+    """The model was replaced while the request was prepared."""
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before its windows ran."""
+
+
+class InternalError(ServiceError):
+    """Anything unexpected (the log has the traceback; the body names no library internals)."""
+
+
+STATUS: dict[type[ServiceError], tuple[int, str]] = {
+    BadRequest: (400, "bad_request"),
+    Unauthorized: (401, "unauthorized"),
+    Forbidden: (403, "forbidden"),
+    ModelNotFound: (404, "model_not_found"),
+    RouteNotFound: (404, "not_found"),
+    MethodNotAllowed: (405, "method_not_allowed"),
+    PayloadTooLarge: (413, "payload_too_large"),
+    UnsupportedMediaType: (415, "unsupported_media_type"),
+    InvalidInput: (422, "validation_error"),
+    QueueFull: (429, "queue_full"),
+    ClientGone: (499, "client_closed_request"),
+    InferenceFailed: (500, "inference_failed"),
+    ReloadFailed: (500, "reload_failed"),
+    InternalError: (500, "internal_error"),
+    NotReady: (503, "not_ready"),
+    ModelUnavailable: (503, "model_unavailable"),
+    DeadlineExceeded: (504, "deadline_exceeded"),
+}
+
+
+def status_of(error: ServiceError) -> tuple[int, str]:
+    return STATUS.get(type(error), STATUS[InternalError])
+
+
+def error_response(error: ServiceError, request_id: str | None = None, **extra) -> JSONResponse:
+    status, kind = status_of(error)
+    body = {"type": kind, "message": error.message}
     if request_id:
-        error["request_id"] = request_id
-    return JSONResponse({"error": error, **extra}, status_code=status, headers=headers)
+        body["request_id"] = request_id
+    return JSONResponse({"error": body, **extra}, status_code=status, headers=error.headers or None)

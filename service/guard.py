@@ -11,7 +11,7 @@ import re
 import time
 import uuid
 
-from service.errors import error_response
+from service.errors import Forbidden, PayloadTooLarge, Unauthorized, UnsupportedMediaType, error_response
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -71,10 +71,8 @@ class RequestGuard:
                     return
                 if body is False:
                     too_large = error_response(
-                        413,
-                        "payload_too_large",
-                        f"body is over the limit of {settings.max_body_bytes} bytes",
-                        request_id=request_id,
+                        PayloadTooLarge(f"body is over the limit of {settings.max_body_bytes} bytes"),
+                        request_id,
                     )
                     await too_large(scope, receive, send_wrapper)
                     return
@@ -113,11 +111,11 @@ class RequestGuard:
         if settings.api_key is None:
             if path.startswith(ADMIN_PREFIX) and not settings.open_admin:
                 return error_response(
-                    403,
-                    "forbidden",
-                    "admin routes are off without an API key: set PRUNE_SERVE_API_KEY "
-                    "(or PRUNE_SERVE_OPEN_ADMIN=true on a trusted network)",
-                    request_id=rid,
+                    Forbidden(
+                        "admin routes are off without an API key: set PRUNE_SERVE_API_KEY "
+                        "(or PRUNE_SERVE_OPEN_ADMIN=true on a trusted network)"
+                    ),
+                    rid,
                 )
             return None
         if path in OPEN_PATHS or (path == "/metrics" and not settings.metrics_require_key):
@@ -129,11 +127,10 @@ class RequestGuard:
         expected = settings.api_key.get_secret_value().encode()
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
             return error_response(
-                401,
-                "unauthorized",
-                "send the API key as 'Authorization: Bearer KEY'",
-                {"WWW-Authenticate": "Bearer"},
-                request_id=rid,
+                Unauthorized(
+                    "send the API key as 'Authorization: Bearer KEY'", {"WWW-Authenticate": "Bearer"}
+                ),
+                rid,
             )
         return None
 
@@ -147,18 +144,13 @@ class RequestGuard:
         content_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         if content_type != "application/json":
             return error_response(
-                415,
-                "unsupported_media_type",
-                f"content-type must be application/json, got {content_type or 'none'}",
-                request_id=rid,
+                UnsupportedMediaType(f"content-type must be application/json, got {content_type or 'none'}"),
+                rid,
             )
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
             return error_response(
-                413,
-                "payload_too_large",
-                f"body is {int(length)} bytes, the limit is {settings.max_body_bytes}",
-                request_id=rid,
+                PayloadTooLarge(f"body is {int(length)} bytes, the limit is {settings.max_body_bytes}"), rid
             )
         return None
 

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from packer.runtime.tasks import classify, qa
 from service.batching import WorkItem, new_flow
 from service.engine import Engine
-from service.errors import DeadlineExceeded, InvalidInput, PayloadTooLarge
+from service.errors import ClientGone, DeadlineExceeded, InvalidInput, PayloadTooLarge
 from service.registry import ServedModel
 from service.schemas import (
     ClassifyItem,
@@ -26,10 +26,6 @@ from service.schemas import (
 from service.settings import Settings
 
 DISCONNECT_POLL_S = 0.1
-
-
-class ClientGone(Exception):
-    """The client disconnected; its windows were dropped."""
 
 
 def check_sizes(settings: Settings, count: int, texts: dict[str, str]) -> None:
@@ -79,7 +75,7 @@ async def _await_all(items: list[WorkItem], request: Request | None, deadline: f
             if done:
                 return results.result()
             if request is not None and await request.is_disconnected():
-                raise ClientGone()
+                raise ClientGone("the client disconnected")
     except BaseException:
         for it in items:
             it.future.cancel()  # queued windows are skipped by the worker

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from packer.artifact import Variant
 from packer.runtime.tasks.padding import BATCH_TOKENS, MAX_BATCH_SIZE, batch_tokens
 
 
@@ -92,7 +93,7 @@ class Settings(BaseSettings):
     @field_validator("variant")
     @classmethod
     def _variant(cls, value: str) -> str:
-        allowed = {"auto", "torch", "onnx", "onnx-int8", "onnx-fp16"}
+        allowed = {"auto", *Variant}
         if value not in allowed:
             raise ValueError(f"must be one of {', '.join(sorted(allowed))}")
         return value

@@ -18,6 +18,7 @@ from packer.runtime.loading import build_model
 from packer.artifact import (
     TOKENIZER,
     WEIGHTS,
+    Variant,
     atomic_directory,
     check_out,
     remove_leftovers,
@@ -175,7 +176,7 @@ def pack(src: str, out: str | Path, options: PackOptions | None = None) -> dict:
         },
         "task": source.task,
         "arch": source.spec.model_type,
-        "variants": {"torch": {"file": WEIGHTS, "dtype": "float32"}},
+        "variants": {Variant.TORCH: {"file": WEIGHTS, "dtype": "float32"}},
         "params": {"before": params_before, "after": count_parameters(model)},
         "structure": summary,
         "layers": [layer_report(ls) for ls in layers],

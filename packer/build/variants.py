@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from packer.artifact import VARIANT_FILES
+from packer.artifact import VARIANT_FILES, Variant
 from packer.errors import PackerError, VerificationError
 from packer.runtime.modeling import PackedModel
 from packer.build.onnx_export import (
@@ -75,7 +75,7 @@ def build_variants(
     masks = [b["attention_mask"].numpy() for b in text_batches]
     reference_text = torch_outputs(model, text_batches)
     try:
-        fp32 = directory / VARIANT_FILES["onnx"]
+        fp32 = directory / VARIANT_FILES[Variant.ONNX]
         log.info("optimizing the ONNX graph (fusion) and checking it against torch ...")
         fusion = optimize(raw, fp32, config)
         exact_diff = max(
@@ -92,7 +92,7 @@ def build_variants(
                 f"ONNX fp32 graph differs from the torch model: max abs logit diff {exact_diff:.3g} > "
                 f"tolerance {options.tolerance:g}; nothing was written"
             )
-        variants["onnx"] = {
+        variants[Variant.ONNX] = {
             "file": fp32.name,
             "dtype": "fp32",
             "opset": 17,
@@ -102,13 +102,13 @@ def build_variants(
         }
         if options.int8:
             start = time.perf_counter()
-            int8 = directory / VARIANT_FILES["onnx-int8"]
+            int8 = directory / VARIANT_FILES[Variant.ONNX_INT8]
             log.info("quantizing to int8 (%s) ...", options.int8)
             if options.int8 == "static":
                 quantize_int8_static(fp32, int8, list(feeds(calibration_batches, names)))
             else:
                 quantize_int8_dynamic(fp32, int8, per_channel=options.per_channel)
-            variants["onnx-int8"] = {
+            variants[Variant.ONNX_INT8] = {
                 "file": int8.name,
                 "dtype": "int8",
                 "quantization": options.int8,
@@ -124,10 +124,10 @@ def build_variants(
             }
         if options.fp16:
             start = time.perf_counter()
-            fp16 = directory / VARIANT_FILES["onnx-fp16"]
+            fp16 = directory / VARIANT_FILES[Variant.ONNX_FP16]
             log.info("converting to fp16 ...")
             fusion16 = optimize(raw, fp16, config, for_gpu=True, fp16=True)
-            variants["onnx-fp16"] = {
+            variants[Variant.ONNX_FP16] = {
                 "file": fp16.name,
                 "dtype": "fp16",
                 "fusion": fusion16.to_dict(),

@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-VARIANTS = ("source", "torch", "onnx", "onnx-int8", "onnx-fp16")
+from packer.artifact import Variant
+
+VARIANTS = ("source", *Variant)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from packer.artifact import Variant
 from packer.errors import PackerError
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ def build_report(
     for artifact in artifacts:
         manifest = read_manifest(Path(artifact))
         for variant in variants or present_variants(artifact):
-            if variant == "onnx-fp16" or variant not in present_variants(artifact):
+            if variant == Variant.ONNX_FP16 or variant not in present_variants(artifact):
                 continue  # fp16 graphs are for GPUs; a CPU timing of them means nothing
             result = _eval(task, data, ["--artifact", artifact, "--variant", variant], common)
             size = (Path(artifact) / VARIANT_FILES[variant]).stat().st_size

@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from packer.artifact import QA
 from service.engine import Engine
 from service.errors import InvalidInput
 from service.guard import validation_message
-from service.handlers import ClientGone, run_classify, run_qa
+from service.handlers import run_classify, run_qa
 from service.registry import ServedModel
 from service.routes.deps import REQUEST_ERRORS, Deadline, EngineDep
 from service.schemas import ClassifyItem, HFRequest, QAItem, QARequest
@@ -29,12 +29,9 @@ async def hf_inference(
     until: Deadline,
 ):
     model = eng.model(name)
-    try:
-        if model.task == QA:
-            return await _hf_qa(eng, model, body, request, until)
-        return await _hf_classify(eng, model, body, request, until)
-    except ClientGone:
-        return Response(status_code=499)
+    if model.task == QA:
+        return await _hf_qa(eng, model, body, request, until)
+    return await _hf_classify(eng, model, body, request, until)
 
 
 def _invalid(exc: ValidationError) -> InvalidInput:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.engine import Engine
-from service.errors import error_response
+from service.errors import NotReady, ReloadFailed, error_response
 from service.routes.deps import ERRORS, EngineDep
 
 router = APIRouter(tags=["ops"])
@@ -24,7 +24,7 @@ async def ready(request: Request):
     eng: Engine = request.app.state.engine
     if not eng.is_ready:
         why = "models are loading or the server is stopping" if not eng.ready else "a required model failed"
-        return error_response(503, "not_ready", why, failed=sorted(eng.failed))
+        return error_response(NotReady(why), failed=sorted(eng.failed))
     return {"status": "ready", "models": sorted(eng.models), "failed": sorted(eng.failed)}
 
 
@@ -53,7 +53,6 @@ async def reload(request: Request, eng: EngineDep):
         "failed": result.failed,
     }
     if result.failed:
-        message = "; ".join(result.failed.values())
-        error = {"type": "reload_failed", "message": message, "request_id": request.scope.get("request_id")}
-        return JSONResponse({"error": error, "reload": body}, 500)
+        failed = ReloadFailed("; ".join(result.failed.values()))
+        return error_response(failed, request.scope.get("request_id"), reload=body)
     return body

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
 
 from packer.artifact import QA
 from service.errors import BadRequest
-from service.handlers import ClientGone, run_classify, run_qa
+from service.handlers import run_classify, run_qa
 from service.routes.deps import ERRORS, REQUEST_ERRORS, Deadline, EngineDep
 from service.schemas import (
     ClassifyRequest,
@@ -41,10 +40,7 @@ async def answer_questions(
     until: Deadline,
 ):
     model = eng.model(name, QA)
-    try:
-        results = await run_qa(eng, model, body.all_items(), body, request, until)
-    except ClientGone:
-        return Response(status_code=499)
+    results = await run_qa(eng, model, body.all_items(), body, request, until)
     return {"model": name, "results": results}
 
 
@@ -59,10 +55,7 @@ async def classify_texts(
     model = eng.model(name)
     if model.task == QA:
         raise BadRequest(f"model {name} does question answering; use /v1/models/{name}/qa")
-    try:
-        results = await run_classify(
-            eng, model, body.all_items(), body.max_seq_len, body.return_all_scores, request, until
-        )
-    except ClientGone:
-        return Response(status_code=499)
+    results = await run_classify(
+        eng, model, body.all_items(), body.max_seq_len, body.return_all_scores, request, until
+    )
     return {"model": name, "results": results}

@@ -60,7 +60,7 @@ def present_variants(artifact: str | Path) -> list[str]:
 
 def open_backend(
     artifact: str | Path,
-    variant: str = "torch",
+    variant: str = Variant.TORCH,
     device: str = "auto",
     strict: bool = False,
     threads: int | None = None,
@@ -89,7 +89,7 @@ def open_backend(
     if VARIANT_FILES[variant] not in (manifest.get("files") or {}):
         raise BackendError(
             f"{artifact} has no {variant} variant ({VARIANT_FILES[variant]}); pack it with "
-            f"--{'onnx' if variant == 'onnx' else variant.split('-')[1]}"
+            f"{Variant(variant).pack_flag}"
         )
     verify_checksums(Path(artifact), manifest, [VARIANT_FILES[variant]])
     dynamic = (manifest.get("variants") or {}).get(variant, {}).get("quantization") == "dynamic"

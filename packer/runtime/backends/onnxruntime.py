@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from packer.artifact import VARIANT_FILES
+from packer.artifact import VARIANT_FILES, Variant
 from packer.runtime.backends.base import BackendError, default_threads, resolve_device, run_per_window
 
-DTYPES = {"onnx": "fp32", "onnx-int8": "int8", "onnx-fp16": "fp16"}
+DTYPES = {Variant.ONNX: "fp32", Variant.ONNX_INT8: "int8", Variant.ONNX_FP16: "fp16"}
 
 
 def sees_cuda() -> bool:
@@ -22,7 +22,7 @@ class OrtBackend:
     def __init__(
         self,
         artifact: Path,
-        variant: str = "onnx",
+        variant: str = Variant.ONNX,
         device: str = "auto",
         strict: bool = False,
         threads: int | None = None,
@@ -37,10 +37,10 @@ class OrtBackend:
         if variant not in DTYPES:
             raise BackendError(f"variant {variant!r} is not an ONNX variant ({', '.join(DTYPES)})")
         cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-        if variant == "onnx-int8" and device == "auto":
+        if variant == Variant.ONNX_INT8 and device == "auto":
             device = "cpu"
         # Refused whatever the machine has: the pairing is wrong, not the hardware.
-        if variant == "onnx-int8" and device == "cuda":
+        if variant == Variant.ONNX_INT8 and device == "cuda":
             raise BackendError(
                 "onnx-int8 is dynamically quantized, which ONNX Runtime's CUDA provider does not run; "
                 "serve onnx-fp16 or torch on cuda, or onnx-int8 on cpu"
@@ -59,7 +59,7 @@ class OrtBackend:
         # Dynamic int8 takes one activation scale per tensor over the whole padded batch, so a window's
         # logits would depend on its neighbours: run each window alone (as fast on CPU; docs/performance.md).
         self.per_window = per_window
-        self.batch_invariant = per_window or variant != "onnx-int8"
+        self.batch_invariant = per_window or variant != Variant.ONNX_INT8
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
