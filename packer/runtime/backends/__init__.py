@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from pathlib import Path
 
 from packer.artifact import Variant
@@ -16,11 +17,20 @@ ENGINE = {Variant.TORCH: "torch", Variant.ONNX: "onnxruntime"}
 ENGINE |= {Variant.ONNX_INT8: "onnxruntime", Variant.ONNX_FP16: "onnxruntime"}
 
 
+# Where an NVIDIA driver shows itself (Linux; WSL2 exposes /dev/dxg). Without one no engine can see a
+# GPU, and asking torch would cost its import (~250 MB of RSS, seconds) for nothing.
+NVIDIA_DRIVER_SIGNS = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg")
+
+
+def nvidia_driver_present() -> bool:
+    return any(os.path.exists(sign) for sign in NVIDIA_DRIVER_SIGNS)
+
+
 @functools.cache
 def engine_sees_cuda(engine: str) -> bool:
     """Whether one engine can run on a CUDA device here. Each engine is asked on its own: CUDA torch beside
-    CPU onnxruntime (or the reverse) is common. torch is only imported if it is installed at all."""
-    if importlib.util.find_spec(engine) is None:
+    CPU onnxruntime (or the reverse) is common. Nothing is imported on a machine with no NVIDIA driver."""
+    if not nvidia_driver_present() or importlib.util.find_spec(engine) is None:
         return False
     try:
         if engine == "onnxruntime":
