@@ -1,4 +1,8 @@
+import fcntl
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -108,3 +112,45 @@ def test_gates_close_the_weakest_and_pack(tmp_path, capsys):
     assert gates["ffn"]["2"][:10] == [0] * 10 and sum(g.count(0) for g in gates["ffn"].values()) == 10
     assert main(["pack", "-q", str(src), str(tmp_path / "out"), "--masks", str(masks)]) == 0
     assert "heads 15/16" in capsys.readouterr().out
+
+
+# -- packer hygiene --------------------------------------------------------------------------------
+
+
+def prune_pack(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "packer.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_pack_checks_out_first_and_sweeps_killed_packs_leftovers(bert_qa_src, bert_qa_packed, tmp_path):
+    done = prune_pack("pack", "/nonexistent/checkpoint", str(bert_qa_packed))
+    assert done.returncode == 2 and "already exists" in done.stderr  # OUT refused before SRC is read
+    out = tmp_path / "art"
+    leftover = tmp_path / ".art.tmp-killed1"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"x" * 1000)
+    running = tmp_path / ".art.tmp-running"
+    running.mkdir()
+    fd = os.open(running, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a pack that is still running holds its lock
+    try:
+        done = prune_pack("pack", str(bert_qa_src), str(out), "-q")
+        assert done.returncode == 0, done.stderr
+        assert not leftover.exists() and running.exists()
+        assert "left by a pack that was killed" in done.stderr
+    finally:
+        os.close(fd)
+
+
+def test_cli_mistakes_are_messages_with_exit_2(bert_qa_src, tmp_path):
+    bad = prune_pack("gates", str(bert_qa_src), str(tmp_path / "m.json"), "--heads", "1.5")
+    assert bad.returncode == 2 and "fraction" in bad.stderr and "Traceback" not in bad.stderr
+    missing = prune_pack("gates", str(bert_qa_src), str(tmp_path / "no" / "such" / "m.json"))
+    assert (
+        missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    )
+    assert prune_pack("synth", str(tmp_path / "s"), "-q").returncode == 0
+    again = prune_pack("synth", str(tmp_path / "s"), "-q")
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert prune_pack("synth", str(tmp_path / "s"), "-q", "--force").returncode == 0

@@ -11,13 +11,18 @@ from service.engine import Engine
 from service.schemas import ErrorResponse
 
 
+def app_engine(request: Request) -> Engine:
+    """The app's engine, typed (the app's state holds nothing else)."""
+    return request.app.state.engine
+
+
 def engine(request: Request) -> Engine:
     """The engine, or 503 while models load or the server stops."""
-    return request.app.state.engine.require_ready()
+    return app_engine(request).require_ready()
 
 
 def deadline(request: Request) -> float:
-    return time.monotonic() + request.app.state.engine.settings.request_timeout_s
+    return time.monotonic() + app_engine(request).settings.request_timeout_s
 
 
 EngineDep = Annotated[Engine, Depends(engine)]
@@ -38,7 +43,4 @@ ERRORS = {
         504: "deadline passed",
     }.items()
 }
-REQUEST_EngineDep = Annotated[Engine, Depends(engine)]
-Deadline = Annotated[float, Depends(deadline)]
-
 REQUEST_ERRORS = {c: ERRORS[c] for c in (400, 401, 404, 413, 415, 422, 429, 503, 504)}

@@ -6,9 +6,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.engine import Engine
 from service.errors import NotReady, ReloadFailed, error_response
-from service.routes.deps import ERRORS, EngineDep
+from service.routes.deps import ERRORS, EngineDep, app_engine
 
 router = APIRouter(tags=["ops"])
 
@@ -21,7 +20,7 @@ async def health() -> dict:
 @router.get("/ready", responses={503: ERRORS[503]})
 async def ready(request: Request):
     """200 when models serve: at least one (or every one, with PRUNE_SERVE_REQUIRE_ALL_MODELS)."""
-    eng: Engine = request.app.state.engine
+    eng = app_engine(request)
     if not eng.is_ready:
         why = "models are loading or the server is stopping" if not eng.ready else "a required model failed"
         return error_response(NotReady(why), failed=sorted(eng.failed))
@@ -34,9 +33,7 @@ async def ready(request: Request):
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition format"}},
 )
 async def metrics(request: Request) -> Response:
-    return Response(
-        generate_latest(request.app.state.engine.metrics.registry), media_type=CONTENT_TYPE_LATEST
-    )
+    return Response(generate_latest(app_engine(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.post(

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from packer.artifact import QA
 from service.errors import BadRequest
 from service.handlers import run_classify, run_qa
-from service.routes.deps import ERRORS, REQUEST_ERRORS, Deadline, EngineDep
+from service.routes.deps import ERRORS, REQUEST_ERRORS, Deadline, EngineDep, app_engine
 from service.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -22,13 +22,13 @@ router = APIRouter(prefix="/v1")
 
 @router.get("/models", response_model=ModelsResponse, responses={401: ERRORS[401]})
 async def list_models(request: Request):
-    return {"models": request.app.state.engine.describe()}
+    return {"models": app_engine(request).describe()}
 
 
 @router.get("/models/{name}", response_model=ModelInfo, responses={401: ERRORS[401], 404: ERRORS[404]})
 async def model_info(name: str, request: Request):
     """Where the model came from (source and sha256), packer version, variant, backend, limits, state."""
-    return request.app.state.engine.model(name).info()
+    return app_engine(request).model(name).info()
 
 
 @router.post("/models/{name}/qa", response_model=QAResponse, responses=REQUEST_ERRORS)
