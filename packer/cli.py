@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", help=f"comma list of source,{','.join(Variant)} (default: all present)")
     p.add_argument("--masks", help="gates file the artifact was packed with")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to run (default: %(default)s)"
+    )
     p.set_defaults(func=commands.cmd_bench)
 
     p = sub.add_parser("eval", help="accuracy: SQuAD v2 (official metric) or SST-2")
@@ -116,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--api-key", help="with --url, when the service wants one")
     target.add_argument("--limit", type=int, help="only the first N questions / rows")
     target.add_argument("--threads", type=int, help="compute threads (default: all cores)")
+    target.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to run (default: %(default)s)"
+    )
     target.add_argument("--output", metavar="METRICS.json", help="write the metrics JSON")
     target.add_argument("--report-json", help=argparse.SUPPRESS)
     q = tasks.add_parser(
@@ -153,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--articles", help="comma-separated article titles (squad2: a held-out split)")
     p.add_argument("--rows", help="FIRST-LAST data rows, 1-based (sst2: a held-out split)")
     p.add_argument("--threads", type=int, help="compute threads (default: all cores)")
+    p.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to run (default: %(default)s)"
+    )
     p.set_defaults(func=commands.cmd_report)
 
     p = sub.add_parser("gates", parents=[common], help="a masks file closing the weakest heads / FFN dims")

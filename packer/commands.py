@@ -109,10 +109,12 @@ def cmd_bench(args) -> int:
     manifest = read_manifest(Path(args.out))
     variants = args.variants.split(",") if args.variants else ["source", *manifest["variants"]]
     threads = args.threads or default_threads()
-    results = run_bench(args.src, args.out, shapes, variants, threads, args.warmup, args.runs, args.masks)
+    results = run_bench(
+        args.src, args.out, shapes, variants, threads, args.warmup, args.runs, args.masks, args.device
+    )
     print(
-        f"torch {torch.__version__}, CPU, {threads} threads, median of {args.runs} runs, "
-        "one process per variant"
+        f"torch {torch.__version__}, {args.device}, {threads} threads, median of {args.runs} runs, "
+        "one process per variant (each row names the device it ran on)"
     )
     print(format_table(results, shapes))
     config = read_packed_config(Path(args.out))
@@ -144,6 +146,7 @@ def _target(args):
         predictions=getattr(args, "predictions", None),
         na_probs=getattr(args, "na_probs", None),
         threads=args.threads,
+        device=args.device,
     )
 
 
@@ -198,6 +201,7 @@ def cmd_report(args) -> int:
         articles=args.articles,
         rows=args.rows,
         threads=args.threads,
+        device=args.device,
         extra=["--max-seq-len", str(args.max_seq_len), "--doc-stride", str(args.doc_stride)],
     )
     print(table.read_text())

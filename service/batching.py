@@ -68,6 +68,7 @@ class BatchLimits:
     max_wait_ms: float = 2.0
     queue_size: int = 2048
     length_grouping: bool = True
+    pad_to_multiple: int = 1  # 8 on CUDA
 
 
 @dataclass
@@ -356,7 +357,7 @@ class Batcher:
             it.future.set_exception(error)
 
     def _infer(self, model: _ModelQueue, live: list[WorkItem]) -> None:
-        ids, mask, types, _ = pad(live, model.pad_id)
+        ids, mask, types, _ = pad(live, model.pad_id, model.limits.pad_to_multiple)
         real = int(mask.sum())
         labels = model.name
         start = time.perf_counter()

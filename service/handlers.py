@@ -14,7 +14,7 @@ from starlette.requests import Request
 from packer.runtime.tasks import classify, qa
 from service.batching import WorkItem, new_flow
 from service.engine import Engine
-from service.errors import ClientGone, DeadlineExceeded, InvalidInput, PayloadTooLarge
+from service.errors import ClientGone, DeadlineExceeded, InferenceFailed, InvalidInput, PayloadTooLarge
 from service.registry import ServedModel
 from service.schemas import (
     ClassifyItem,
@@ -115,7 +115,8 @@ async def run_qa(
 
     def tokenize():
         try:
-            return [qa.make_windows(model.tokenizer, it.question, it.context, options) for it in items]
+            pairs = [(it.question, it.context) for it in items]
+            return qa.make_windows_batch(model.tokenizer, pairs, options)
         except qa.QAInputError as exc:
             raise InvalidInput(str(exc)) from None
 
@@ -133,7 +134,10 @@ async def run_qa(
         for it, ws in zip(items, windows, strict=True):
             logits = [(o["start_logits"], o["end_logits"]) for o in outputs[at : at + len(ws)]]
             at += len(ws)
-            r = qa.answer(it.context, ws, logits, options)
+            try:
+                r = qa.answer(it.context, ws, logits, options)
+            except qa.NonFiniteLogits as exc:
+                raise InferenceFailed(f"model {model.name}: {exc}; the variant or device is broken") from None
             results.append(
                 QAResultOut(
                     answers=[

@@ -7,9 +7,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from packer.artifact import (
     QA,
     PackedConfig,
+    Variant,
     fingerprint,
     read_manifest,
     read_packed_config,
@@ -89,6 +92,7 @@ class ServedModel:
             "variant": self.variant,
             "backend": self.backend.name,
             "device": self.backend.device,
+            "providers": list(self.backend.providers),
             "dtype": self.backend.dtype,
             "params": self.params,
             "state": "ready",
@@ -116,17 +120,73 @@ def discover(models_dir: Path) -> list[Path]:
     return found
 
 
-def warm_up(model: ServedModel) -> None:
-    """Run real text through every path once (first runs allocate and pick kernels)."""
+def warm_up(model: ServedModel, settings: Settings) -> None:
+    """Run real text through the model before it serves: its outputs must be finite, agree with the CPU
+    fp32 reference when it runs in fp16 or on a GPU, and the largest batch shape it will see runs once
+    (first runs allocate and pick kernels; better here than under live traffic)."""
     longest = model.default_max_seq_len
     options = qa.QAOptions(max_seq_len=longest, doc_stride=qa.doc_stride_for(longest))
     if model.task == QA:
         windows = [w for q, c in QA_PAIRS[:4] for w in qa.make_windows(model.tokenizer, q, c, options)]
+        # Long enough for full windows: the largest shape.
+        context = " ".join(c for _, c in QA_PAIRS) * (1 + 4 * longest // max(len(QA_PAIRS[0][1]), 1))
+        full = qa.make_windows(model.tokenizer, QA_PAIRS[0][0], context, options)[0]
     else:
         windows = [classify.encode(model.tokenizer, s, None, longest) for s in SENTENCES[:4]]
-    ids, mask, types, _ = pad(windows, model.pad_id)
-    for _ in range(2):
-        model.backend.run(ids, mask, types)
+        full = classify.encode(model.tokenizer, " ".join(SENTENCES) * (1 + longest // 8), None, longest)
+    outputs = model.backend.run(*pad(windows, model.pad_id)[:3])
+    check_finite(model, outputs)
+    if model.backend.device == "cuda" or model.backend.dtype == "fp16":
+        check_against_cpu_reference(model, windows, outputs)
+    device = model.backend.device
+    rows = (
+        1
+        if model.backend.per_window
+        else max(1, min(settings.max_batch_size, settings.batch_tokens_for(device) // full.length))
+    )
+    multiple = 8 if device == "cuda" else 1
+    check_finite(model, model.backend.run(*pad([full] * rows, model.pad_id, multiple)[:3]))
+
+
+def check_finite(model: ServedModel, outputs: dict[str, np.ndarray]) -> None:
+    for name, value in outputs.items():
+        if not np.isfinite(value).all():
+            raise RegistryError(
+                f"{model.backend.name} produced non-finite {name} at warm-up; the "
+                "variant is broken on this device (fp16 overflow?): serve another variant"
+            )
+
+
+def check_against_cpu_reference(model: ServedModel, windows: list, outputs: dict[str, np.ndarray]) -> None:
+    """fp16 and GPU outputs against the fp32 graph (or torch) on the CPU: argmax agreement per window."""
+    present = present_variants(model.path)
+    reference_variant = Variant.ONNX if Variant.ONNX in present else Variant.TORCH
+    try:
+        reference = open_backend(model.path, reference_variant, device="cpu", threads=1)
+    except PackerError as exc:  # e.g. the torch variant in an image without torch
+        log.warning("model %s: no CPU fp32 reference to check against (%s)", model.name, exc)
+        return
+    expected = reference.run(*pad(windows, model.pad_id)[:3])
+    lengths = [w.length for w in windows]
+    agree, total = 0, 0
+    for name, want in expected.items():
+        got = outputs[name]
+        for row, n in enumerate(lengths):
+            w, g = (
+                (want[row, :n], got[row, :n])
+                if want.ndim == 2 and name != "logits"
+                else (want[row], got[row])
+            )
+            agree += int(np.argmax(w) == np.argmax(g))
+            total += 1
+    if agree < 0.75 * total:
+        raise RegistryError(
+            f"{model.backend.name} agrees with the CPU fp32 reference on only {agree} of "
+            f"{total} argmaxes at warm-up; the variant is broken on this device: serve another variant"
+        )
+    log.info(
+        "model %s: %s agrees with CPU fp32 on %d/%d argmaxes", model.name, model.backend.name, agree, total
+    )
 
 
 _loads = itertools.count(1)
@@ -155,6 +215,7 @@ def load_model(path: Path, settings: Settings) -> ServedModel:
             spinning=settings.ort_spinning,
             memory_arena=settings.ort_memory_arena,
             int8_batching=settings.int8_batching,
+            cuda=settings.cuda_options(),
         )
         model = ServedModel(
             name=path.name,
@@ -169,7 +230,7 @@ def load_model(path: Path, settings: Settings) -> ServedModel:
             key=f"{path.name}@{next(_loads)}",
             manifest=manifest,
         )
-        warm_up(model)
+        warm_up(model, settings)
     except PackerError as exc:
         log.error("model %s (%s): %s", path.name, path, exc)
         raise RegistryError(f"model {path.name}: {public(str(exc), path)}") from exc

@@ -144,6 +144,10 @@ class ModelOut(BaseModel):
     variant: str | None = None
     backend: str | None = None
     device: str | None = None
+    providers: list[str] | None = Field(
+        None,
+        description="what really runs it: ONNX Runtime's providers as the session reports, or torch's device",
+    )
     dtype: str | None = None
     params: int | None = None
     max_seq_len: int | None = Field(None, description="the default window length for this model")

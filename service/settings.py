@@ -8,6 +8,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from packer.artifact import Variant
+from packer.runtime.backends.base import CudaOptions
 from packer.runtime.tasks.padding import BATCH_TOKENS, MAX_BATCH_SIZE, batch_tokens
 
 
@@ -31,6 +32,24 @@ class Settings(BaseSettings):
         "per-window",
         description="per-window: dynamic int8 runs one window at a time, so answers never depend on the "
         "batch (as fast on CPU); batched: padded batches, NOT batch-invariant (/v1/models says so)",
+    )
+    cuda_memory_limit_mb: int = Field(
+        0, ge=0, description="GPU memory one model may take (ORT arena limit; torch memory fraction); 0: none"
+    )
+    cuda_arena_extend_strategy: str = Field(
+        "kSameAsRequested",
+        description="ORT CUDA arena growth: kSameAsRequested (grows by what a run needs) or kNextPowerOfTwo",
+    )
+    cuda_arena_shrinkage: bool = Field(
+        False, description="give unused ORT CUDA arena memory back after each run (a little slower)"
+    )
+    cpu_workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="threads that tokenize requests and turn logits into answers, beside the inference "
+        "worker (the tokenizers library and numpy release the GIL); 0: 1 when every model runs on the "
+        "CPU (inference has the cores), up to 4 when one runs on CUDA",
     )
     max_batch_size: int = Field(MAX_BATCH_SIZE, ge=1, description="windows per batch")
     max_batch_tokens: int = Field(
@@ -104,6 +123,20 @@ class Settings(BaseSettings):
         if value not in ("per-window", "batched"):
             raise ValueError("must be per-window or batched")
         return value
+
+    @field_validator("cuda_arena_extend_strategy")
+    @classmethod
+    def _arena(cls, value: str) -> str:
+        if value not in ("kSameAsRequested", "kNextPowerOfTwo"):
+            raise ValueError("must be kSameAsRequested or kNextPowerOfTwo")
+        return value
+
+    def cuda_options(self) -> CudaOptions:
+        return CudaOptions(
+            memory_limit_mb=self.cuda_memory_limit_mb,
+            arena_extend_strategy=self.cuda_arena_extend_strategy,
+            arena_shrinkage=self.cuda_arena_shrinkage,
+        )
 
     @field_validator("device")
     @classmethod

@@ -83,6 +83,7 @@ def worker(argv: list[str]) -> None:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--masks")
+    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
 
     from packer.artifact import read_packed_config
@@ -91,12 +92,14 @@ def worker(argv: list[str]) -> None:
     if args.variant == "source":
         from packer.build.source_backend import SourceBackend
 
-        source = SourceBackend(args.src, task=config.task, masks=args.masks, threads=args.threads)
+        source = SourceBackend(
+            args.src, task=config.task, masks=args.masks, threads=args.threads, device=args.device
+        )
         run, backend = source.run, source.name
     else:
         from packer.runtime.backends import open_backend
 
-        opened = open_backend(args.artifact, args.variant, device="cpu", threads=args.threads)
+        opened = open_backend(args.artifact, args.variant, device=args.device, threads=args.threads)
         run, backend = opened.run, opened.name
     timing = VariantTiming(args.variant, backend)
     for text in args.shape:
@@ -115,6 +118,7 @@ def run_bench(
     warmup: int = 3,
     runs: int = 10,
     masks: str | None = None,
+    device: str = "cpu",
 ) -> list[VariantTiming]:
     from packer.errors import PackerError
 
@@ -136,6 +140,8 @@ def run_bench(
             str(warmup),
             "--runs",
             str(runs),
+            "--device",
+            device,
         ]
         cmd += [a for s in shapes for a in ("--shape", s)]
         cmd += ["--src", str(src)] + (["--masks", masks] if masks else [])

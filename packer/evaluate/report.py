@@ -135,6 +135,7 @@ def build_report(
     rows: str | None = None,
     threads: int | None = None,
     extra: list[str] | None = None,
+    device: str = "cpu",
 ) -> tuple[Path, Path]:
     import torch
 
@@ -149,6 +150,7 @@ def build_report(
         common += ["--limit", str(limit)]
     if threads:
         common += ["--threads", str(threads)]
+    common += ["--device", device]
     if task == "squad2":
         common += ["--articles", articles] if articles else []
         common += extra or []
@@ -170,8 +172,12 @@ def build_report(
     for artifact in artifacts:
         manifest = read_manifest(Path(artifact))
         for variant in variants or present_variants(artifact):
-            if variant == Variant.ONNX_FP16 or variant not in present_variants(artifact):
+            if variant not in present_variants(artifact):
+                continue
+            if variant == Variant.ONNX_FP16 and device == "cpu":
                 continue  # fp16 graphs are for GPUs; a CPU timing of them means nothing
+            if variant == Variant.ONNX_INT8 and device == "cuda":
+                continue  # dynamic int8 does not run on ONNX Runtime's CUDA provider
             result = _eval(task, data, ["--artifact", artifact, "--variant", variant], common)
             size = (Path(artifact) / VARIANT_FILES[variant]).stat().st_size
             table_rows.append(

@@ -25,6 +25,7 @@ class Target:
     predictions: str | None = None
     na_probs: str | None = None
     threads: int | None = None
+    device: str = "cpu"
 
     def check(self) -> None:
         given = [x for x in (self.artifact, self.source, self.url, self.predictions) if x]
@@ -43,15 +44,15 @@ def open_local(target: Target):
         from packer.runtime.backends import choose_variant, open_backend, present_variants
         from packer.runtime.tokenizer import load_tokenizer
 
-        variant = choose_variant(target.variant, present_variants(target.artifact), "cpu")
-        backend = open_backend(target.artifact, variant, device="cpu", threads=target.threads)
+        variant = choose_variant(target.variant, present_variants(target.artifact), target.device)
+        backend = open_backend(target.artifact, variant, device=target.device, threads=target.threads)
         config = read_packed_config(Path(target.artifact))
         return backend, load_tokenizer(Path(target.artifact), config), config.id2label
     from packer.build.pack import load_source_tokenizer
     from packer.build.source_backend import SourceBackend
     from packer.runtime.tokenizer import TextTokenizer
 
-    backend = SourceBackend(target.source, threads=target.threads)
+    backend = SourceBackend(target.source, threads=target.threads, device=target.device)
     labels = {int(k): v for k, v in (backend.source.config.get("id2label") or {}).items()}
     tokenizer = TextTokenizer.from_transformers(load_source_tokenizer(backend.source, None))
     return backend, tokenizer, labels

@@ -92,7 +92,9 @@ def padding_ratio(url: str) -> float:
     return values["prune_serve_padding_ratio_sum"] / max(values["prune_serve_padding_ratio_count"], 1)
 
 
-def bare_backend(artifact: Path, questions: list[dict], threads: int, limits, clients: int) -> float:
+def bare_backend(
+    artifact: Path, questions: list[dict], threads: int, limits, clients: int, device: str = "cpu"
+) -> float:
     """The backend alone on the batch shapes the service forms for `clients` closed-loop clients.
 
     The batches are replayed from the same policy (service.batching.FairQueue, one flow per question)
@@ -106,8 +108,8 @@ def bare_backend(artifact: Path, questions: list[dict], threads: int, limits, cl
     from packer.runtime.tokenizer import load_tokenizer
     from service.batching import FairQueue, WorkItem
 
-    variant = choose_variant("auto", present_variants(artifact), "cpu")
-    backend = open_backend(artifact, variant, device="cpu", threads=threads)
+    variant = choose_variant("auto", present_variants(artifact), device)
+    backend = open_backend(artifact, variant, device=device, threads=threads)
     if backend.per_window:  # as the service does
         limits = dataclasses.replace(limits, max_batch_size=1)
     tokenizer = load_tokenizer(artifact, read_packed_config(artifact))
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-requests", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--json", help="write the figures here too")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to serve")
     args = p.parse_args(argv)
 
     from service.batching import BatchLimits
@@ -161,22 +164,28 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     limits = BatchLimits(
         settings.max_batch_size,
-        settings.batch_tokens_for("cpu"),
+        settings.batch_tokens_for(args.device),
         settings.max_wait_ms,
         settings.queue_size,
         True,
     )
     questions = load_questions(Path(args.data), args.requests)
-    figures: dict = {"threads": args.threads, "requests": len(questions)}
+    figures: dict = {"threads": args.threads, "requests": len(questions), "device": args.device}
     artifact = Path(args.artifact).resolve()
     models = Path(tempfile.mkdtemp(prefix="prune-serve-bench-"))
     (models / artifact.name).symlink_to(artifact)
     port = 18080
     url = f"http://127.0.0.1:{port}"
-    serve_env = {"PRUNE_SERVE_MODELS_DIR": str(models), "PRUNE_SERVE_THREADS": str(args.threads)}
+    serve_env = {
+        "PRUNE_SERVE_MODELS_DIR": str(models),
+        "PRUNE_SERVE_THREADS": str(args.threads),
+        "PRUNE_SERVE_DEVICE": args.device,
+    }
     name = artifact.name
     try:
-        figures["bare_backend_qps"] = bare_backend(artifact, questions, args.threads, limits, clients=32)
+        figures["bare_backend_qps"] = bare_backend(
+            artifact, questions, args.threads, limits, clients=32, device=args.device
+        )
 
         for grouping in ("true", "false"):
             proc = start(

@@ -147,12 +147,19 @@ class PackedModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ):
         x = self.embeddings(input_ids, token_type_ids)
+        sdpa = bool(self.layers) and self.layers[0].attention.implementation == "sdpa"
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+            if sdpa:  # no padding: SDPA's unmasked kernel (callers on CUDA pass None rather than ones)
+                attention_mask = None
         # Additive mask (batch, 1, 1, seq): 0 where attended, the dtype's minimum where padded.
-        mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
-        if self.layers and self.layers[0].attention.implementation == "sdpa" and bool(attention_mask.all()):
-            mask = None  # lets SDPA take its unmasked kernel; the exported (eager) graph always masks
+        mask = None
+        if attention_mask is not None:
+            mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+            # An all-ones mask lets SDPA take its unmasked kernel; asked only on the CPU, where it costs no
+            # device sync. The exported (eager) graph always masks.
+            if sdpa and attention_mask.device.type == "cpu" and bool(attention_mask.all()):
+                mask = None
         for layer in self.layers:
             x = layer(x, mask)
         if self.config.task == QA:

@@ -96,8 +96,17 @@ class TextTokenizer:
 
     def windows(self, question: str, context: str, max_length: int, stride: int) -> list[Encoded]:
         """(question, context) cut into windows that overlap by `stride` context tokens."""
-        first = self._backend(max_length, stride, "only_second").encode(question, context)
-        return [_encoded(e) for e in [first, *first.overflowing]]
+        return self.windows_batch([(question, context)], max_length, stride)[0]
+
+    def windows_batch(
+        self, pairs: list[tuple[str, str]], max_length: int, stride: int
+    ) -> list[list[Encoded]]:
+        """Windows of many (question, context) pairs in one call (the library runs it without the GIL)."""
+        encodings = self._backend(max_length, stride, "only_second").encode_batch(pairs)
+        return [[_encoded(e) for e in [first, *first.overflowing]] for first in encodings]
+
+    def count_batch(self, texts: list[str]) -> list[int]:
+        return [len(e.ids) for e in self._backend(None).encode_batch(texts, add_special_tokens=False)]
 
 
 def _encoded(encoding) -> Encoded:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from packer.artifact import Variant
-from packer.runtime.backends.base import Backend, BackendError
+from packer.runtime.backends.base import Backend, BackendError, CudaOptions
 
 CPU_PREFERENCE = (Variant.ONNX_INT8, Variant.ONNX, Variant.TORCH)
 CUDA_PREFERENCE = (Variant.ONNX_FP16, Variant.TORCH)
@@ -77,6 +77,7 @@ def open_backend(
     spinning: bool = True,
     memory_arena: bool = True,
     int8_batching: str = "per-window",
+    cuda: CudaOptions | None = None,
 ) -> Backend:
     """Load one variant of an artifact on a device ('auto', 'cpu', 'cuda').
 
@@ -89,7 +90,7 @@ def open_backend(
         from packer.runtime.backends.torch import TorchBackend
         from packer.runtime.loading import load
 
-        return TorchBackend(load(artifact), device=device, strict=strict, threads=threads)
+        return TorchBackend(load(artifact), device=device, strict=strict, threads=threads, cuda=cuda)
     from packer.artifact import VARIANT_FILES, read_manifest, verify_checksums
     from packer.runtime.backends.onnxruntime import OrtBackend
 
@@ -112,6 +113,7 @@ def open_backend(
         spinning=spinning,
         memory_arena=memory_arena,
         per_window=dynamic and int8_batching == "per-window",
+        cuda=cuda,
     )
 
 

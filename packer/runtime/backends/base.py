@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -19,6 +20,8 @@ class BackendError(PackerError):
 
 class Backend(Protocol):
     name: str  # {engine}-{device}-{dtype}, e.g. ort-cpu-int8
+    # What really runs it: ONNX Runtime's providers as the session reports them, or torch's device.
+    providers: list[str]
     device: str  # cpu | cuda
     dtype: str  # fp32 | fp16 | int8
     # Whether a window's logits are independent of what shares its batch (padding, other windows).
@@ -31,6 +34,23 @@ class Backend(Protocol):
     ) -> dict[str, np.ndarray]:
         """A padded batch in, float32 logits out (start_logits/end_logits or logits)."""
         ...
+
+
+@dataclass(frozen=True)
+class CudaOptions:
+    """GPU memory bounds (settings PRUNE_SERVE_CUDA_*). ORT's arena otherwise grows by powers of two and
+    never shrinks, so every new shape can raise the high-water mark."""
+
+    memory_limit_mb: int = 0  # 0: no limit
+    arena_extend_strategy: str = "kSameAsRequested"  # or kNextPowerOfTwo (ORT's default)
+    arena_shrinkage: bool = False  # return unused arena memory after each run
+    device_id: int = 0
+
+    def provider_options(self) -> dict[str, str]:
+        options = {"device_id": str(self.device_id), "arena_extend_strategy": self.arena_extend_strategy}
+        if self.memory_limit_mb:
+            options["gpu_mem_limit"] = str(self.memory_limit_mb * 1024 * 1024)
+        return options
 
 
 def run_per_window(run, input_ids, attention_mask, token_type_ids) -> dict[str, np.ndarray]:

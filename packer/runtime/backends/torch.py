@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from packer.runtime.backends.base import default_threads, resolve_device
+from packer.runtime.backends.base import CudaOptions, default_threads, resolve_device
 from packer.runtime.loading import LoadedModel
 
 
@@ -15,7 +15,12 @@ def sees_cuda() -> bool:
 
 class TorchBackend:
     def __init__(
-        self, loaded: LoadedModel, device: str = "auto", strict: bool = False, threads: int | None = None
+        self,
+        loaded: LoadedModel,
+        device: str = "auto",
+        strict: bool = False,
+        threads: int | None = None,
+        cuda: CudaOptions | None = None,
     ):
         self.device = resolve_device(device, torch.cuda.is_available(), strict, "torch")
         self.dtype = "fp16" if self.device == "cuda" else "fp32"
@@ -25,7 +30,13 @@ class TorchBackend:
         if self.device == "cpu":
             torch.set_num_threads(threads or default_threads())
         model = loaded.model
+        self.providers = [self.device]
         if self.device == "cuda":
+            cuda = cuda or CudaOptions()
+            if cuda.memory_limit_mb:
+                total = torch.cuda.get_device_properties(cuda.device_id).total_memory
+                fraction = min(1.0, cuda.memory_limit_mb * 1024 * 1024 / total)
+                torch.cuda.set_per_process_memory_fraction(fraction, cuda.device_id)
             model = model.half().to("cuda")
         self.model = model.eval()
         self.config = loaded.config
@@ -41,6 +52,8 @@ class TorchBackend:
                 else torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)
             )
 
+        if attention_mask.all():  # decided on the host: asking the GPU tensor would sync every call
+            attention_mask = None
         out = self.model(tensor(input_ids), tensor(attention_mask), tensor(token_type_ids))
         names = ("start_logits", "end_logits") if out.get("start_logits") is not None else ("logits",)
         return {name: out[name].float().cpu().numpy() for name in names}

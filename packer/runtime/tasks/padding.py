@@ -15,9 +15,10 @@ def batch_tokens(device: str) -> int:
     return BATCH_TOKENS["cuda" if device == "cuda" else "cpu"]
 
 
-def pad(items: list, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
-    """Right-pad windows (anything with input_ids, token_type_ids, length) into one batch."""
-    longest = max(it.length for it in items)
+def pad(items: list, pad_id: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """Right-pad windows (anything with input_ids, token_type_ids, length) into one batch, to the longest
+    rounded up to `multiple` (8 on CUDA: tensor cores and fused attention want aligned lengths)."""
+    longest = -(-max(it.length for it in items) // multiple) * multiple
     ids = np.full((len(items), longest), pad_id, dtype=np.int64)
     mask = np.zeros((len(items), longest), dtype=np.int64)
     types = np.zeros((len(items), longest), dtype=np.int64) if items[0].token_type_ids is not None else None

@@ -72,20 +72,33 @@ class QAResult:
 
 
 def make_windows(tokenizer: TextTokenizer, question: str, context: str, options: QAOptions) -> list[Window]:
-    question_tokens = tokenizer.count(question)
-    room = options.max_seq_len - question_tokens - tokenizer.num_special_tokens(pair=True)
-    if room < 1:
-        raise QAInputError(
-            f"the question is {question_tokens} tokens: with max_seq_len {options.max_seq_len} no room is "
-            "left for the context; shorten the question or raise max_seq_len"
-        )
-    if options.doc_stride >= room:
-        raise QAInputError(
-            f"doc_stride {options.doc_stride} must be smaller than the context room of a window "
-            f"({room} tokens with this question and max_seq_len {options.max_seq_len})"
-        )
+    return make_windows_batch(tokenizer, [(question, context)], options)[0]
+
+
+def make_windows_batch(
+    tokenizer: TextTokenizer, pairs: list[tuple[str, str]], options: QAOptions
+) -> list[list[Window]]:
+    """Windows of each (question, context): one batched tokenizer call for a request's items."""
+    counts = tokenizer.count_batch([question for question, _ in pairs])
+    for question_tokens in counts:
+        room = options.max_seq_len - question_tokens - tokenizer.num_special_tokens(pair=True)
+        if room < 1:
+            raise QAInputError(
+                f"the question is {question_tokens} tokens: with max_seq_len {options.max_seq_len} no room "
+                "is left for the context; shorten the question or raise max_seq_len"
+            )
+        if options.doc_stride >= room:
+            raise QAInputError(
+                f"doc_stride {options.doc_stride} must be smaller than the context room of a window "
+                f"({room} tokens with this question and max_seq_len {options.max_seq_len})"
+            )
+    encoded = tokenizer.windows_batch(pairs, options.max_seq_len, options.doc_stride)
+    return [_windows(tokenizer, encodings) for encodings in encoded]
+
+
+def _windows(tokenizer: TextTokenizer, encodings) -> list[Window]:
     windows = []
-    for enc in tokenizer.windows(question, context, options.max_seq_len, options.doc_stride):
+    for enc in encodings:
         offsets = [
             tuple(off) if seq == 1 else None for off, seq in zip(enc.offsets, enc.sequence_ids, strict=True)
         ]
@@ -142,15 +155,42 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+class NonFiniteLogits(ArithmeticError):
+    """The model produced NaN or infinite logits (a broken variant or device): never an answer."""
+
+
+def _window_pairs(context: str, window: Window, start_logits, end_logits, options: QAOptions):
+    """The window's candidate (start, end) token pairs, numpy over the N_BEST x N_BEST grid, in the loop
+    order of the per-pair code this replaces (start rank, then end rank), valid ones only, with each
+    pair's character span (whole words when aligning, never ending inside a character)."""
+    ctx = np.arange(window.context_start, window.context_end + 1)
+    starts = ctx[np.argsort(-start_logits[ctx])[:N_BEST]]
+    ends = ctx[np.argsort(-end_logits[ctx])[:N_BEST]]
+    spans = window.word_spans if options.align_to_words else window.offsets
+    start_chars = np.array([spans[t][0] for t in starts], dtype=np.int64)
+    end_chars = np.array([_through_marks(context, spans[t][1]) for t in ends], dtype=np.int64)
+    s, e = np.repeat(starts, len(ends)), np.tile(ends, len(starts))
+    valid = (e >= s) & (e - s + 1 <= options.max_answer_len)
+    chars = np.stack([np.repeat(start_chars, len(ends)), np.tile(end_chars, len(starts))], axis=1)
+    return s[valid], e[valid], chars[valid]
+
+
 def answer(
     context: str, windows: list[Window], logits: list[tuple[np.ndarray, np.ndarray]], options: QAOptions
 ) -> QAResult:
-    """Reconcile the windows' start/end logits into top_k answers and the no-answer decision."""
-    candidates: dict[tuple[int, int], Answer] = {}
+    """Reconcile the windows' start/end logits into top_k answers and the no-answer decision.
+
+    Candidates are ranked by start+end logit sum; a character span found by several pairs (several
+    windows, or tokens of one word) counts once, with its best pair. All in numpy: per-window work is a
+    few array operations whatever the number of pairs, so post-processing keeps up with a GPU.
+    """
     min_null = float("inf")
-    for window, (start_logits, end_logits) in zip(windows, logits, strict=True):
+    sums, probs, chars = [], [], []
+    for w, (window, (start_logits, end_logits)) in enumerate(zip(windows, logits, strict=True)):
         n = window.length
         start_logits, end_logits = start_logits[:n].astype(np.float64), end_logits[:n].astype(np.float64)
+        if not (np.isfinite(start_logits).all() and np.isfinite(end_logits).all()):
+            raise NonFiniteLogits(f"window {w}: the model produced non-finite logits")
         min_null = min(min_null, float(start_logits[0] + end_logits[0]))
         # Span probability: softmax over [CLS] and the context tokens of this window.
         allowed = np.zeros(n, dtype=bool)
@@ -160,30 +200,31 @@ def answer(
         p_end = np.zeros(n)
         p_start[allowed] = _softmax(start_logits[allowed])
         p_end[allowed] = _softmax(end_logits[allowed])
-        ctx = np.arange(window.context_start, window.context_end + 1)
-        starts = ctx[np.argsort(-start_logits[ctx])[:N_BEST]]
-        ends = ctx[np.argsort(-end_logits[ctx])[:N_BEST]]
-        for s in starts:
-            for e in ends:
-                if e < s or e - s + 1 > options.max_answer_len:
-                    continue
-                char_start, char_end = char_span(context, window, s, e, options.align_to_words)
-                logit_sum = float(start_logits[s] + end_logits[e])
-                key = (char_start, char_end)
-                if key not in candidates or candidates[key].logit_sum < logit_sum:
-                    candidates[key] = Answer(
-                        answer=context[char_start:char_end],
-                        score=float(p_start[s] * p_end[e]),
-                        start=char_start,
-                        end=char_end,
-                        logit_sum=logit_sum,
-                    )
-    ranked = sorted(candidates.values(), key=lambda a: a.logit_sum, reverse=True)
-    best = ranked[0].logit_sum if ranked else float("-inf")
+        s, e, c = _window_pairs(context, window, start_logits, end_logits, options)
+        sums.append(start_logits[s] + end_logits[e])
+        probs.append(p_start[s] * p_end[e])
+        chars.append(c)
+    ranked: list[Answer] = []
+    best = float("-inf")
+    total = sum(len(x) for x in sums)
+    if total:
+        sums_all, probs_all, chars_all = np.concatenate(sums), np.concatenate(probs), np.concatenate(chars)
+        keys = chars_all[:, 0] * (len(context) + 2) + chars_all[:, 1]
+        loop = np.arange(total)  # position in the per-pair loop order (window, start rank, end rank)
+        best = float(sums_all.max())
+        # Group pairs by character span; in each, the best pair first (earliest on equal sums).
+        order = np.lexsort((loop, -sums_all, keys))
+        first = np.flatnonzero(np.r_[True, keys[order][1:] != keys[order][:-1]])
+        kept = order[first]
+        # A span's place among equal sums: where it first appeared in the loop (a stable sort of spans).
+        appeared = np.minimum.reduceat(loop[order], first)
+        for i in kept[np.lexsort((appeared, -sums_all[kept]))][: options.top_k]:
+            start, end = int(chars_all[i, 0]), int(chars_all[i, 1])
+            ranked.append(
+                Answer(context[start:end], float(probs_all[i]), start, end, logit_sum=float(sums_all[i]))
+            )
     null_score_diff = min_null - best
     is_impossible = options.handle_impossible_answer and (
         not ranked or null_score_diff > options.null_threshold
     )
-    return QAResult(
-        answers=ranked[: options.top_k], is_impossible=bool(is_impossible), null_score_diff=null_score_diff
-    )
+    return QAResult(answers=ranked, is_impossible=bool(is_impossible), null_score_diff=null_score_diff)
