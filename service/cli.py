@@ -26,7 +26,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="prune-serve",
-        description="Serve the packed models under PRUNE_SERVE_MODELS_DIR (a directory per model) over HTTP.",
+        description="Serve the packed models under PRUNE_SERVE_MODELS_DIR (a directory per model) over HTTP. "
+        "`prune-serve doctor [ARTIFACT ...]` checks what this machine can run instead.",
         epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -59,6 +60,11 @@ def configure_logging(level: str, access_log: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["doctor"]:
+        from service.doctor import main as doctor
+
+        return doctor(argv[1:])
     args = parser().parse_args(argv)
 
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -73,6 +75,19 @@ def test_padding_rounds_up_to_the_multiple():
     assert pad([W(16)], 0, multiple=8)[3] == 16 and pad([W(13)], 0)[3] == 13
 
 
+def break_fp16(artifact, out, value):
+    """A copy of the artifact whose fp16 graph's QA head weights are all `value` (checksums updated)."""
+    shutil.copytree(artifact, out)
+    graph = onnx.load(out / "model.fp16.onnx")
+    for init in graph.graph.initializer:
+        if "qa_outputs" in init.name:
+            weights = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array(np.full_like(weights, value), init.name))
+    onnx.save(graph, out / "model.fp16.onnx")
+    write_manifest(out, json.loads((out / "pack.json").read_text()))
+    return out
+
+
 @pytest.mark.parametrize(
     ("value", "refusal"),
     [(np.inf, "ort-cpu-fp16 produced non-finite"), (60000, "agrees with the CPU fp32 reference on only")],
@@ -80,16 +95,36 @@ def test_padding_rounds_up_to_the_multiple():
 def test_warm_up_refuses_a_broken_fp16_variant(bert_onnx, tmp_path, value, refusal):
     """An fp16 graph with non-finite outputs, or finite ones that disagree with the fp32 graph on the
     CPU, is refused at load naming the variant (never served); the artifact's other variants still serve."""
-    broken = tmp_path / "broken"
-    shutil.copytree(bert_onnx, broken)
-    graph = onnx.load(broken / "model.fp16.onnx")
-    for init in graph.graph.initializer:
-        if "qa_outputs" in init.name:
-            weights = numpy_helper.to_array(init)
-            init.CopyFrom(numpy_helper.from_array(np.full_like(weights, value), init.name))
-    onnx.save(graph, broken / "model.fp16.onnx")
-    write_manifest(broken, json.loads((broken / "pack.json").read_text()))
+    broken = break_fp16(bert_onnx, tmp_path / "broken", value)
     settings = Settings(models_dir=tmp_path, device="cpu", threads=1, variant="onnx-fp16")
     with pytest.raises(RegistryError, match=refusal):
         load_model(broken, settings)
     assert load_model(broken, Settings(models_dir=tmp_path, device="cpu", threads=1)).variant == "onnx-int8"
+
+
+def doctor(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", "doctor", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_doctor_on_a_cpu_machine(bert_onnx):
+    done = doctor(str(bert_onnx), "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["ok"] and report["gpu"] == []  # no driver here: nothing claims a GPU
+    assert report["environment"]["onnxruntime_providers"][-1] == "CPUExecutionProvider"
+    rows = {(r["variant"], r["device"]): r for r in report["artifacts"]}
+    assert set(rows) == {("torch", "cpu"), ("onnx", "cpu"), ("onnx-int8", "cpu"), ("onnx-fp16", "cpu")}
+    assert rows[("onnx", "cpu")]["max_abs_diff"] == 0 and rows[("torch", "cpu")]["argmax_agreement"] == 1
+    lines = doctor(str(bert_onnx)).stdout
+    assert "all checks passed" in lines and "ort-cpu-int8" in lines
+
+
+def test_doctor_fails_on_a_broken_variant_and_refuses_a_non_artifact(bert_onnx, tmp_path):
+    broken = break_fp16(bert_onnx, tmp_path / "broken", 60000)
+    done = doctor(str(broken))
+    assert done.returncode == 1 and "FAIL" in done.stdout and "onnx-fp16" in done.stdout
+    assert "some checks FAILED" in done.stdout
+    missing = doctor(str(tmp_path))
+    assert missing.returncode == 2 and "not a packed artifact" in missing.stderr
