@@ -269,7 +269,14 @@ def test_manifests_fit_together_and_the_service(overlay):
         int(env["PRUNE_SERVE_GRACEFUL_SHUTDOWN_S"]) + container["lifecycle"]["preStop"]["sleep"]["seconds"]
     )
     assert pod["spec"]["terminationGracePeriodSeconds"] > grace
-    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+    pdb = objects["PodDisruptionBudget"]["spec"]
+    if overlay.endswith("gpu"):
+        # A surge pod would need a spare GPU: replace one pod at a time instead, and let drains proceed.
+        assert (rolling["maxSurge"], rolling["maxUnavailable"]) == (0, 1)
+        assert pdb.get("maxUnavailable") == 1 and "minAvailable" not in pdb
+    else:  # CPU: a new model version comes up (and warms up) before an old pod leaves
+        assert (rolling["maxSurge"], rolling["maxUnavailable"]) == (1, 0) and pdb["minAvailable"] == 1
     hpa = objects["HorizontalPodAutoscaler"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     pods_metrics = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
