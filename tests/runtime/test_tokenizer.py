@@ -47,6 +47,22 @@ def hf_windows(hf, question: str, context: str, max_len: int, stride: int) -> li
     ]
 
 
+def as_spans(array) -> list:
+    return [tuple(row) if row[0] >= 0 else None for row in array.tolist()]
+
+
+def dict_word_spans(offsets, word_ids) -> list:
+    """The per-token loop the numpy version replaced: each context token gets its word's full span."""
+    spans = {}
+    for off, word in zip(offsets, word_ids, strict=True):
+        if off is not None and word is not None:
+            start, end = spans.get(word, off)
+            spans[word] = (min(start, off[0]), max(end, off[1]))
+    return [
+        spans[w] if o is not None and w is not None else o for o, w in zip(offsets, word_ids, strict=True)
+    ]
+
+
 def artifacts(request) -> list[Path]:
     paths = [request.getfixturevalue("bert_qa_packed"), request.getfixturevalue("roberta_cls_packed")]
     real = SHARED_DATA / "models" / "minilm-l6-squad2"
@@ -119,9 +135,9 @@ def test_qa_windows_and_encodings_equal_transformers(request):
         expected = hf_windows(hf, QUESTION, CONTEXT, 96, 32)
         assert [w.input_ids.tolist() for w in windows] == [e["ids"] for e in expected]
         for w, e in zip(windows, expected, strict=True):
-            assert w.offsets == [
-                o if s == 1 else None for o, s in zip(e["offsets"], e["sequence_ids"], strict=True)
-            ]
+            offsets = [o if s == 1 else None for o, s in zip(e["offsets"], e["sequence_ids"], strict=True)]
+            assert as_spans(w.offsets) == offsets
+            assert as_spans(w.word_spans) == dict_word_spans(offsets, e["word_ids"])
         for text in TEXTS:
             for pair in (None, "a second sentence"):
                 enc = classify.encode(ours, text, pair, 128)

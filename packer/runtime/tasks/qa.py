@@ -8,6 +8,7 @@ span is the `na_prob` that the evaluation thresholds on.
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -43,10 +44,9 @@ class Window:
     input_ids: np.ndarray
     attention_mask: np.ndarray
     token_type_ids: np.ndarray | None
-    offsets: list[tuple[int, int] | None]  # char span in the context, None outside the context
-    word_spans: list[
-        tuple[int, int] | None
-    ]  # char span of the token's whole word (as far as this window holds it)
+    # (tokens, 2) character spans in the context, -1 outside it (numpy: post-processing indexes them in bulk)
+    offsets: np.ndarray
+    word_spans: np.ndarray  # the span of the token's whole word (as far as this window holds it)
     context_start: int  # first context token
     context_end: int  # last context token (inclusive)
 
@@ -99,21 +99,23 @@ def make_windows_batch(
 def _windows(tokenizer: TextTokenizer, encodings) -> list[Window]:
     windows = []
     for enc in encodings:
-        offsets = [
-            tuple(off) if seq == 1 else None for off, seq in zip(enc.offsets, enc.sequence_ids, strict=True)
-        ]
-        context_positions = [j for j, seq in enumerate(enc.sequence_ids) if seq == 1]
-        if not context_positions:
+        n = len(enc.ids)
+        sequence = np.fromiter((-1 if q is None else q for q in enc.sequence_ids), np.int64, n)
+        context = np.flatnonzero(sequence == 1)
+        if not len(context):
             continue
+        offsets = np.full((n, 2), -1, dtype=np.int64)
+        offsets[context] = np.asarray(enc.offsets, dtype=np.int64)[context]
+        words = np.fromiter((-1 if w is None else w for w in enc.word_ids), np.int64, n)
         windows.append(
             Window(
                 input_ids=np.asarray(enc.ids, dtype=np.int64),
-                attention_mask=np.ones(len(enc.ids), dtype=np.int64),
+                attention_mask=np.ones(n, dtype=np.int64),
                 token_type_ids=np.asarray(enc.type_ids, dtype=np.int64) if tokenizer.token_types else None,
                 offsets=offsets,
-                word_spans=_word_spans(offsets, enc.word_ids),
-                context_start=context_positions[0],
-                context_end=context_positions[-1],
+                word_spans=_word_spans(offsets, words, context),
+                context_start=int(context[0]),
+                context_end=int(context[-1]),
             )
         )
     if not windows:
@@ -121,20 +123,19 @@ def _windows(tokenizer: TextTokenizer, encodings) -> list[Window]:
     return windows
 
 
-def _word_spans(
-    offsets: list[tuple[int, int] | None], word_ids: list[int | None]
-) -> list[tuple[int, int] | None]:
-    """For each context token, the character span of its word (as the tokenizer's pre-tokenizer splits)."""
-    spans: dict[int, tuple[int, int]] = {}
-    for off, word in zip(offsets, word_ids, strict=True):
-        if off is None or word is None:
-            continue
-        start, end = spans.get(word, off)
-        spans[word] = (min(start, off[0]), max(end, off[1]))
-    return [
-        spans[word] if off is not None and word is not None else off
-        for off, word in zip(offsets, word_ids, strict=True)
-    ]
+def _word_spans(offsets: np.ndarray, words: np.ndarray, context: np.ndarray) -> np.ndarray:
+    """For each context token, the character span of its word (as the tokenizer's pre-tokenizer splits):
+    the smallest start and largest end over the window's context tokens of that word."""
+    spans = offsets.copy()
+    tokens = context[words[context] >= 0]
+    if len(tokens):
+        ids, group = np.unique(words[tokens], return_inverse=True)
+        low = np.full(len(ids), np.iinfo(np.int64).max)
+        high = np.full(len(ids), -1)
+        np.minimum.at(low, group, offsets[tokens, 0])
+        np.maximum.at(high, group, offsets[tokens, 1])
+        spans[tokens, 0], spans[tokens, 1] = low[group], high[group]
+    return spans
 
 
 def _through_marks(context: str, end: int) -> int:
@@ -147,7 +148,7 @@ def _through_marks(context: str, end: int) -> int:
 def char_span(context: str, window: Window, s: int, e: int, align_to_words: bool) -> tuple[int, int]:
     """Character span of tokens s..e; whole words when aligning, never ending inside a character."""
     spans = window.word_spans if align_to_words else window.offsets
-    return spans[s][0], _through_marks(context, spans[e][1])
+    return int(spans[s, 0]), _through_marks(context, int(spans[e, 1]))
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -159,20 +160,30 @@ class NonFiniteLogits(ArithmeticError):
     """The model produced NaN or infinite logits (a broken variant or device): never an answer."""
 
 
-def _window_pairs(context: str, window: Window, start_logits, end_logits, options: QAOptions):
-    """The window's candidate (start, end) token pairs, numpy over the N_BEST x N_BEST grid, in the loop
-    order of the per-pair code this replaces (start rank, then end rank), valid ones only, with each
-    pair's character span (whole words when aligning, never ending inside a character)."""
-    ctx = np.arange(window.context_start, window.context_end + 1)
-    starts = ctx[np.argsort(-start_logits[ctx])[:N_BEST]]
-    ends = ctx[np.argsort(-end_logits[ctx])[:N_BEST]]
+def _window_candidates(context: str, window: Window, start_logits, end_logits, options: QAOptions):
+    """The window's candidate (start, end) token pairs over the N_BEST x N_BEST grid, in the loop order of
+    the per-pair code this replaces (start rank, then end rank), valid ones only: their logit sums,
+    span probabilities (softmax over [CLS] and the context tokens) and character spans."""
+    first, last = window.context_start, window.context_end + 1
+    ctx_start, ctx_end = start_logits[first:last], end_logits[first:last]
+    starts = np.argsort(-ctx_start)[:N_BEST]
+    ends = np.argsort(-ctx_end)[:N_BEST]
+    length = ends[None, :] - starts[:, None] + 1
+    rows, cols = np.nonzero((length >= 1) & (length <= options.max_answer_len))
+    s, e = starts[rows], ends[cols]  # context-relative token positions
+    pair_sums = ctx_start[s] + ctx_end[e]
+    probs = _softmax_at(start_logits[0], ctx_start, s) * _softmax_at(end_logits[0], ctx_end, e)
     spans = window.word_spans if options.align_to_words else window.offsets
-    start_chars = np.array([spans[t][0] for t in starts], dtype=np.int64)
-    end_chars = np.array([_through_marks(context, spans[t][1]) for t in ends], dtype=np.int64)
-    s, e = np.repeat(starts, len(ends)), np.tile(ends, len(starts))
-    valid = (e >= s) & (e - s + 1 <= options.max_answer_len)
-    chars = np.stack([np.repeat(start_chars, len(ends)), np.tile(end_chars, len(starts))], axis=1)
-    return s[valid], e[valid], chars[valid]
+    start_chars = spans[first + starts, 0]
+    end_chars = np.array(
+        [_through_marks(context, int(end)) for end in spans[first + ends, 1]], dtype=np.int64
+    )
+    return pair_sums, probs, np.stack([start_chars[rows], end_chars[cols]], axis=1)
+
+
+def _softmax_at(cls: float, ctx: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """softmax over [CLS] and the context logits (in that order), at context positions `at`."""
+    return _softmax(np.concatenate(([cls], ctx)))[1 + at]
 
 
 def answer(
@@ -189,21 +200,15 @@ def answer(
     for w, (window, (start_logits, end_logits)) in enumerate(zip(windows, logits, strict=True)):
         n = window.length
         start_logits, end_logits = start_logits[:n].astype(np.float64), end_logits[:n].astype(np.float64)
-        if not (np.isfinite(start_logits).all() and np.isfinite(end_logits).all()):
+        if not math.isfinite(float(start_logits.sum() + end_logits.sum())):
             raise NonFiniteLogits(f"window {w}: the model produced non-finite logits")
         min_null = min(min_null, float(start_logits[0] + end_logits[0]))
-        # Span probability: softmax over [CLS] and the context tokens of this window.
-        allowed = np.zeros(n, dtype=bool)
-        allowed[0] = True
-        allowed[window.context_start : window.context_end + 1] = True
-        p_start = np.zeros(n)
-        p_end = np.zeros(n)
-        p_start[allowed] = _softmax(start_logits[allowed])
-        p_end[allowed] = _softmax(end_logits[allowed])
-        s, e, c = _window_pairs(context, window, start_logits, end_logits, options)
-        sums.append(start_logits[s] + end_logits[e])
-        probs.append(p_start[s] * p_end[e])
-        chars.append(c)
+        pair_sums, pair_probs, pair_chars = _window_candidates(
+            context, window, start_logits, end_logits, options
+        )
+        sums.append(pair_sums)
+        probs.append(pair_probs)
+        chars.append(pair_chars)
     ranked: list[Answer] = []
     best = float("-inf")
     total = sum(len(x) for x in sums)
