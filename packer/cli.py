@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", help="gates file the artifact was packed with")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="time per operator type at the last shape (ORT / torch profiler)",
+    )
+    p.add_argument(
         "--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to run (default: %(default)s)"
     )
     p.set_defaults(func=commands.cmd_bench)

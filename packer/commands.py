@@ -98,7 +98,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from packer.artifact import read_manifest, read_packed_config
-    from packer.evaluate.model_bench import encoder_flops, format_table, parse_shape, run_bench
+    from packer.evaluate.model_bench import encoder_flops, format_table, load_warning, parse_shape, run_bench
     from packer.runtime.backends.base import default_threads
 
     shapes = args.shape or ["1x384", "8x128"]
@@ -109,27 +109,70 @@ def cmd_bench(args) -> int:
     manifest = read_manifest(Path(args.out))
     variants = args.variants.split(",") if args.variants else ["source", *manifest["variants"]]
     threads = args.threads or default_threads()
+    busy = load_warning(threads)
+    if busy:
+        print(f"warning: {busy}")
     results = run_bench(
-        args.src, args.out, shapes, variants, threads, args.warmup, args.runs, args.masks, args.device
+        args.src,
+        args.out,
+        shapes,
+        variants,
+        threads,
+        args.warmup,
+        args.runs,
+        args.masks,
+        args.device,
+        args.profile,
     )
     print(
         f"torch {torch.__version__}, {args.device}, {threads} threads, median of {args.runs} runs, "
         "one process per variant (each row names the device it ran on)"
     )
     print(format_table(results, shapes))
+    for r in results:
+        if r.profile:
+            top = ", ".join(f"{op} {100 * share:.0f}%" for op, share in r.profile.items())
+            print(f"profile {r.variant} at {shapes[-1]}: {top}")
     config = read_packed_config(Path(args.out))
     full_heads = [e["heads"]["before"] for e in manifest["layers"]]
     full_ffn = [e["ffn_dims"]["before"] for e in manifest["layers"]]
-    for shape, (batch, seq) in zip(shapes, parsed, strict=True):
-        ratio = encoder_flops(config.hidden_size, config.head_dim, full_heads, full_ffn, batch, seq) / max(
-            encoder_flops(
-                config.hidden_size, config.head_dim, config.num_heads, config.intermediate_sizes, batch, seq
-            ),
-            1.0,
-        )
+    h, d = config.hidden_size, config.head_dim
+    flops = {
+        shape: {
+            "source": encoder_flops(h, d, full_heads, full_ffn, batch, seq),
+            "packed": encoder_flops(h, d, config.num_heads, config.intermediate_sizes, batch, seq),
+        }
+        for shape, (batch, seq) in zip(shapes, parsed, strict=True)
+    }
+    for shape, f in flops.items():
+        ratio = f["source"] / max(f["packed"], 1.0)
         print(f"FLOP ratio source/packed at {shape}: {ratio:.2f}x (the limit packing alone can reach)")
+    roofline = None
+    if args.device == "cpu":
+        from packer.evaluate.roofline import gemm_rates, number_format
+
+        tokens = max(batch * seq for batch, seq in parsed)
+        rates = gemm_rates(tokens, h, 4 * h, threads)
+        print(
+            f"GEMM rate here ({tokens}x{h}x{4 * h}, {threads} threads, ONNX Runtime): "
+            f"fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, int8 {rates['int8'] / 1e9:.0f} GOP/s"
+        )
+        roofline = {"gemm_rates": rates, "fraction_of_limit": {}}
+        for r in results:
+            kind = "source" if r.variant == "source" else "packed"
+            fractions = {
+                shape: flops[shape][kind] / rates[number_format(r.variant)] / (r.ms[shape] / 1000)
+                for shape in shapes
+            }
+            roofline["fraction_of_limit"][r.variant] = fractions
+            cells = ", ".join(f"{shape} {100 * value:.0f}%" for shape, value in fractions.items())
+            print(f"GEMM limit reached by {r.variant} ({number_format(r.variant)}): {cells}")
     if args.json:
-        Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+        rows = [r.to_dict() for r in results]
+        if roofline:
+            for row in rows:
+                row["fraction_of_limit"] = roofline["fraction_of_limit"][row["variant"]]
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 

@@ -64,11 +64,9 @@ def environment() -> dict:
 
         info["onnxruntime_providers"] = ort.get_available_providers()
     if info["torch"] and engine_sees_cuda("torch"):
-        import torch
+        from packer.runtime.backends.torch import cuda_info
 
-        info["torch_cuda"] = torch.version.cuda
-        info["cudnn"] = torch.backends.cudnn.version()
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info |= cuda_info()
     return info
 
 
@@ -93,11 +91,9 @@ def gpu_checks() -> list[dict]:
     if version("torch") and any(Path(p).exists() for p in NVIDIA_DRIVER_SIGNS):
         check = {"check": "torch computes on the GPU"}
         try:
-            import torch
+            from packer.runtime.backends.torch import computes_on_gpu
 
-            x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], device="cuda")
-            check["ok"] = bool(torch.allclose((x @ x).cpu(), torch.tensor([[7.0, 10.0], [15.0, 22.0]])))
-            check["detail"] = torch.cuda.get_device_name(0)
+            check["ok"], check["detail"] = computes_on_gpu()
         except Exception as exc:
             check.update(ok=False, detail=str(exc).splitlines()[0])
         checks.append(check)

@@ -49,6 +49,7 @@ def test_bench_prints_side_by_side_ratio(bert_qa_src, bert_onnx, tmp_path, capsy
         "source,torch,onnx-int8",
         "--json",
         str(rows_file),
+        "--profile",
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -56,9 +57,15 @@ def test_bench_prints_side_by_side_ratio(bert_qa_src, bert_onnx, tmp_path, capsy
     assert "transformers-cpu-fp32" in lines["source"] and "1.00x" in lines["source"]
     assert "torch-cpu-fp32" in lines["torch"] and "ort-cpu-int8" in lines["onnx-int8"]
     assert "FLOP ratio source/packed at 2x32" in out
+    assert "profile onnx-int8 at 2x32: " in out and "profile torch at 2x32: " in out
+    assert "(min-max)" in out
+    assert "GEMM rate here (64x" in out and "GEMM limit reached by onnx-int8 (int8): 2x32" in out
     rows = json.loads(rows_file.read_text())
     assert [r["variant"] for r in rows] == ["source", "torch", "onnx-int8"]
-    assert all(r["ms"]["2x32"] > 0 for r in rows)
+    for r in rows:  # median, spread and run count, and the fraction of this machine's GEMM limit
+        low, high = r["spread"]["2x32"]
+        assert 0 < low <= r["ms"]["2x32"] <= high and r["runs"] == 3 and r["cv"]["2x32"] >= 0
+        assert 0 < r["fraction_of_limit"]["2x32"] < 1.5
 
 
 def test_bench_unknown_variant(bert_qa_src, bert_qa_packed, capsys):

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -22,14 +24,26 @@ from packer.artifact import Variant
 VARIANTS = ("source", *Variant)
 
 
+# A timing whose runs vary more than this (coefficient of variation) is flagged: the machine had other
+# work, or the runs were too few.
+NOISY_CV = 0.10
+
+
 @dataclass
 class VariantTiming:
     variant: str
     backend: str
     ms: dict[str, float] = field(default_factory=dict)  # "BxS" -> median ms
+    spread: dict[str, list[float]] = field(default_factory=dict)  # "BxS" -> [min, max] ms
+    cv: dict[str, float] = field(default_factory=dict)  # "BxS" -> stdev / mean of the runs
+    runs: int = 0
+    profile: dict[str, float] = field(default_factory=dict)  # op type -> share of time (--profile)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def noisy(self) -> list[str]:
+        return [shape for shape, cv in self.cv.items() if cv > NOISY_CV]
 
 
 def encoder_flops(
@@ -61,7 +75,7 @@ def make_inputs(vocab: int, pad: int, batch: int, seq: int, seed: int = 0) -> di
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
-def median_ms(run, inputs: dict, warmup: int, runs: int) -> float:
+def timed_ms(run, inputs: dict, warmup: int, runs: int) -> list[float]:
     for _ in range(warmup):
         run(**inputs)
     times = []
@@ -69,7 +83,22 @@ def median_ms(run, inputs: dict, warmup: int, runs: int) -> float:
         start = time.perf_counter()
         run(**inputs)
         times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return times
+
+
+def load_warning(threads: int) -> str | None:
+    """Other work on the machine makes every timing slow and noisy: say so before measuring."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    if load > max(0.5, cores - threads) + 0.5:
+        return (
+            f"load average {load:.1f} on {cores} cores before measuring: other work is running, "
+            "timings will be slow and noisy (run benchmarks alone)"
+        )
+    return None
 
 
 def worker(argv: list[str]) -> None:
@@ -84,6 +113,7 @@ def worker(argv: list[str]) -> None:
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--masks")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--profile", action="store_true")
     args = p.parse_args(argv)
 
     from packer.artifact import read_packed_config
@@ -95,17 +125,31 @@ def worker(argv: list[str]) -> None:
         source = SourceBackend(
             args.src, task=config.task, masks=args.masks, threads=args.threads, device=args.device
         )
-        run, backend = source.run, source.name
+        run, backend, model = source.run, source.name, source.model
     else:
         from packer.runtime.backends import open_backend
 
         opened = open_backend(args.artifact, args.variant, device=args.device, threads=args.threads)
-        run, backend = opened.run, opened.name
-    timing = VariantTiming(args.variant, backend)
+        run, backend, model = opened.run, opened.name, getattr(opened, "model", None)
+    timing = VariantTiming(args.variant, backend, runs=args.runs)
     for text in args.shape:
         batch, seq = parse_shape(text)
         inputs = make_inputs(config.vocab_size, config.pad_token_id, batch, seq)
-        timing.ms[text] = median_ms(run, inputs, args.warmup, args.runs)
+        times = timed_ms(run, inputs, args.warmup, args.runs)
+        timing.ms[text] = statistics.median(times)
+        timing.spread[text] = [min(times), max(times)]
+        mean = statistics.fmean(times)
+        timing.cv[text] = statistics.pstdev(times) / mean if mean else 0.0
+    if args.profile:  # at the last shape, after the timings (profiling slows what it watches)
+        from packer.evaluate import op_profile
+
+        if model is not None:
+            timing.profile = op_profile.torch_profile(model, inputs, args.runs)
+        else:
+            from packer.artifact import VARIANT_FILES
+
+            graph = Path(args.artifact) / VARIANT_FILES[args.variant]
+            timing.profile = op_profile.ort_profile(graph, inputs, args.threads, args.runs)
     print(json.dumps(timing.to_dict()))
 
 
@@ -119,6 +163,7 @@ def run_bench(
     runs: int = 10,
     masks: str | None = None,
     device: str = "cpu",
+    profile: bool = False,
 ) -> list[VariantTiming]:
     from packer.errors import PackerError
 
@@ -143,6 +188,7 @@ def run_bench(
             "--device",
             device,
         ]
+        cmd += ["--profile"] if profile else []
         cmd += [a for s in shapes for a in ("--shape", s)]
         cmd += ["--src", str(src)] + (["--masks", masks] if masks else [])
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -156,15 +202,23 @@ def run_bench(
 def format_table(results: list[VariantTiming], shapes: list[str]) -> str:
     base = next((r for r in results if r.variant == "source"), results[0])
     header = f"{'variant':<10}  {'backend':<22}" + "".join(
-        f"  {s + ' ms':>11}  {'seq/s':>7}  {'vs ' + base.variant:>10}" for s in shapes
+        f"  {s + ' ms (min-max)':>24}  {'seq/s':>7}  {'vs ' + base.variant:>10}" for s in shapes
     )
     lines = [header, "-" * len(header)]
     for r in results:
         cells = ""
         for s in shapes:
             batch = parse_shape(s)[0]
-            cells += f"  {r.ms[s]:>11.1f}  {batch * 1000 / r.ms[s]:>7.1f}  {base.ms[s] / r.ms[s]:>9.2f}x"
+            low, high = r.spread.get(s, [r.ms[s], r.ms[s]])
+            timing = f"{r.ms[s]:.1f} ({low:.1f}-{high:.1f})"
+            cells += f"  {timing:>24}  {batch * 1000 / r.ms[s]:>7.1f}  {base.ms[s] / r.ms[s]:>9.2f}x"
         lines.append(f"{r.variant:<10}  {r.backend:<22}{cells}")
+    for r in results:
+        for s in r.noisy():
+            lines.append(
+                f"warning: {r.variant} at {s} varied {100 * r.cv[s]:.0f}% (coefficient of variation) over "
+                f"{r.runs} runs: other work on the machine, or too few runs; rerun before trusting it"
+            )
     return "\n".join(lines)
 
 

@@ -145,6 +145,11 @@ def build_report(
 
     if not artifacts:
         raise PackerError("report needs at least one --artifact")
+    from packer.evaluate.model_bench import load_warning
+
+    busy = load_warning(threads or os.cpu_count() or 1)
+    if busy:
+        log.warning("%s", busy)
     common = []
     if limit:
         common += ["--limit", str(limit)]
@@ -190,7 +195,8 @@ def build_report(
         + (f", articles {articles}" if articles else "")
         + (f", rows {rows}" if rows else "")
         + (f", first {limit}" if limit else "")
-        + f"; {table_rows[0].examples} examples. Speedup: source time / row time, tokenization included."
+        + f"; {table_rows[0].examples} examples. Speedup: source time / row time, tokenization included; "
+        "times start after each model is loaded and warmed up." + (f" Warning: {busy}." if busy else "")
     )
     out.mkdir(parents=True, exist_ok=True)
     table = out / "report.md"

@@ -18,6 +18,7 @@ def session(
     providers: list[str] | None = None,
     spinning: bool = True,
     memory_arena: bool = True,
+    profile_prefix: str | None = None,
 ):
     import onnxruntime as ort
 
@@ -27,6 +28,9 @@ def session(
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if profile_prefix:  # ORT's profiler: one JSON trace per session (prune-pack bench --profile)
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if not memory_arena:  # buffers go back to the allocator after each run instead of a growing arena
         options.enable_cpu_mem_arena = False
     if not spinning:  # idle compute threads yield the cores (to tokenization and HTTP) instead of spinning

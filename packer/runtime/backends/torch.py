@@ -13,6 +13,22 @@ def sees_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def cuda_info() -> dict:
+    """torch's CUDA build, cuDNN and GPUs (prune-serve doctor)."""
+    return {
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
+
+
+def computes_on_gpu() -> tuple[bool, str]:
+    """A 2x2 matmul on the GPU, checked on the host."""
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], device="cuda")
+    ok = bool(torch.allclose((x @ x).cpu(), torch.tensor([[7.0, 10.0], [15.0, 22.0]])))
+    return ok, torch.cuda.get_device_name(0)
+
+
 class TorchBackend:
     def __init__(
         self,
