@@ -54,27 +54,10 @@ RUN --mount=type=bind,source=.,target=/ctx \
        elif [ -e "/ctx/${MODEL_SRC}" ]; then prune-pack pack -q "/ctx/${MODEL_SRC}" "/models/${MODEL_NAME}" ${PACK_ARGS_CUDA}; \
        else HF_HOME=/tmp/hf prune-pack pack -q "${MODEL_SRC}" "/models/${MODEL_NAME}" ${PACK_ARGS_CUDA}; fi
 
-# ---- cpu: serves ONNX artifacts (onnx-int8 by default) with ONNX Runtime; no torch inside --------
-FROM ${PYTHON_IMAGE} AS cpu
+# ---- runtime-cpu: what the CPU images share (no compilers, non-root, health-checked) -------------
+FROM ${PYTHON_IMAGE} AS runtime-cpu
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin prune
-COPY --from=build-serve /opt/venv /opt/venv
-COPY --from=pack --chown=10001:10001 /models /app/models
 # DL3064 reads TOKENIZERS_PARALLELISM as a secret; it is not one.
-# hadolint ignore=DL3064
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-    PRUNE_SERVE_MODELS_DIR=/app/models TOKENIZERS_PARALLELISM=false
-WORKDIR /app
-USER 10001
-EXPOSE 8000
-HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=4)"]
-CMD ["prune-serve", "--host", "0.0.0.0", "--port", "8000"]
-
-# ---- cpu-torch: also serves the torch variant (and carries prune-pack) ---------------------------
-FROM ${PYTHON_IMAGE} AS cpu-torch
-RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin prune
-COPY --from=build-pack /opt/venv /opt/venv
-COPY --from=pack --chown=10001:10001 /models /app/models
 # hadolint ignore=DL3064
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     PRUNE_SERVE_MODELS_DIR=/app/models HF_HOME=/tmp/hf TOKENIZERS_PARALLELISM=false
@@ -84,6 +67,16 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=4)"]
 CMD ["prune-serve", "--host", "0.0.0.0", "--port", "8000"]
+
+# ---- cpu: serves ONNX artifacts (onnx-int8 by default) with ONNX Runtime; no torch inside --------
+FROM runtime-cpu AS cpu
+COPY --from=build-serve /opt/venv /opt/venv
+COPY --from=pack --chown=10001:10001 /models /app/models
+
+# ---- cpu-torch: also serves the torch variant (and carries prune-pack) ---------------------------
+FROM runtime-cpu AS cpu-torch
+COPY --from=build-pack /opt/venv /opt/venv
+COPY --from=pack --chown=10001:10001 /models /app/models
 
 # ---- cuda: build and run on NVIDIA GPUs -----------------------------------------------------
 FROM ${CUDA_IMAGE} AS build-cuda

@@ -44,6 +44,7 @@ def exported_metrics() -> set[str]:
 
 
 def dockerfile_stages() -> dict[str, list[str]]:
+    """Each stage's instructions, those of the stage it is built FROM (if any) first."""
     stages: dict[str, list[str]] = {}
     current = None
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
@@ -54,7 +55,7 @@ def dockerfile_stages() -> dict[str, list[str]]:
         if line.upper().startswith("FROM "):
             parts = line.split()
             current = parts[3] if len(parts) > 3 and parts[2].upper() == "AS" else f"final:{parts[1]}"
-            stages[current] = []
+            stages[current] = list(stages.get(parts[1], []))
         elif current:
             stages[current].append(line)
     return stages
