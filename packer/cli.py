@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     windows.add_argument(
         "--doc-stride",
         type=int,
-        default=QA_DEFAULTS.doc_stride,
-        help="tokens shared by consecutive windows (default: %(default)s)",
+        help=f"tokens shared by consecutive windows (default: {QA_DEFAULTS.doc_stride}, or a third of a "
+        "shorter window, as the service does)",
     )
     from packer import __version__
 
@@ -129,32 +129,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     target.add_argument("--output", metavar="METRICS.json", help="write the metrics JSON")
     target.add_argument("--report-json", help=argparse.SUPPRESS)
-    q = tasks.add_parser(
-        "squad2", parents=[common, target, windows], help="EM/F1 with the official SQuAD v2 metric"
-    )
-    q.add_argument("--predictions", metavar="PRED.json", help="score a {id: answer} file instead of a model")
-    q.add_argument("--na-probs", metavar="NA.json", help="with --predictions: {id: null score} for best_*")
-    q.add_argument("--articles", help="comma-separated article titles (e.g. a held-out split)")
-    q.add_argument("--save-predictions", metavar="PRED.json", help="write {id: answer} (and its na_probs)")
-    q.add_argument(
-        "--max-answer-len",
-        type=int,
-        default=QA_DEFAULTS.max_answer_len,
-        help="answer tokens at most (default: %(default)s)",
-    )
-    q.add_argument(
-        "--align-to-words",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="widen answers to whole words of the context (the HF pipeline's default)",
-    )
-    q.set_defaults(func=commands.cmd_eval_squad2)
+    for version, about in (
+        ("squad2", "EM/F1 with the official SQuAD v2 metric"),
+        ("squad1", "EM/F1 with the official SQuAD 1.1 metric (every question answerable, no null answer)"),
+    ):
+        q = tasks.add_parser(version, parents=[common, target, windows], help=about)
+        q.add_argument(
+            "--predictions", metavar="PRED.json", help="score a {id: answer} file instead of a model"
+        )
+        if version == "squad2":
+            q.add_argument(
+                "--na-probs", metavar="NA.json", help="with --predictions: {id: null score} for best_*"
+            )
+        q.add_argument("--articles", help="comma-separated article titles (e.g. a held-out split)")
+        q.add_argument(
+            "--save-predictions", metavar="PRED.json", help="write {id: answer} (and its na_probs)"
+        )
+        q.add_argument(
+            "--max-answer-len",
+            type=int,
+            default=QA_DEFAULTS.max_answer_len,
+            help="answer tokens at most (default: %(default)s)",
+        )
+        q.add_argument(
+            "--align-to-words",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="widen answers to whole words of the context (the HF pipeline's default)",
+        )
+        q.set_defaults(func=commands.cmd_eval_squad2)
     c = tasks.add_parser("sst2", parents=[common, target], help="accuracy on SST-2 dev.tsv")
     c.add_argument("--rows", help="FIRST-LAST data rows, 1-based (e.g. 601-872, a held-out split)")
     c.set_defaults(func=commands.cmd_eval_sst2)
 
     p = sub.add_parser("report", parents=[common, windows], help="accuracy vs speed table and chart")
-    p.add_argument("task", choices=["squad2", "sst2"], help="which evaluation")
+    p.add_argument("task", choices=["squad2", "squad1", "sst2"], help="which evaluation")
     p.add_argument("--data", required=True, help="SQuAD v2 JSON / SST-2 dev.tsv")
     p.add_argument("--source", required=True, help="the unpacked source checkpoint (the speedup baseline)")
     p.add_argument("--artifact", action="append", default=[], help="repeatable")

@@ -209,16 +209,22 @@ def _write_eval(args, result: dict) -> None:
 
 def cmd_eval_squad2(args) -> int:
     from packer.evaluate.run import eval_squad2
-    from packer.runtime.tasks.qa import QAOptions
+    from packer.runtime.tasks.qa import QAInputError, QAOptions, doc_stride_for
 
     options = QAOptions(
         max_seq_len=args.max_seq_len,
-        doc_stride=args.doc_stride,
+        doc_stride=doc_stride_for(args.max_seq_len) if args.doc_stride is None else args.doc_stride,
         max_answer_len=args.max_answer_len,
         align_to_words=args.align_to_words,
     )
     articles = [a for a in (args.articles or "").split(",") if a] or None
-    result = eval_squad2(_target(args), args.data, options, articles, args.limit, progress=not args.quiet)
+    version = 1 if args.eval_task == "squad1" else 2
+    try:
+        result = eval_squad2(
+            _target(args), args.data, options, articles, args.limit, progress=not args.quiet, version=version
+        )
+    except QAInputError as exc:  # windows that cannot be made: the options are wrong, say which
+        raise PackerError(f"--max-seq-len / --doc-stride: {exc}") from None
     _write_eval(args, result)
     return 0
 
@@ -245,7 +251,8 @@ def cmd_report(args) -> int:
         rows=args.rows,
         threads=args.threads,
         device=args.device,
-        extra=["--max-seq-len", str(args.max_seq_len), "--doc-stride", str(args.doc_stride)],
+        extra=["--max-seq-len", str(args.max_seq_len)]
+        + ([] if args.doc_stride is None else ["--doc-stride", str(args.doc_stride)]),
     )
     print(table.read_text())
     print(f"wrote {table} and {chart}", file=sys.stderr)

@@ -69,8 +69,8 @@ def _eval(task: str, data: str, target: list[str], common: list[str]) -> dict:
 
 def _row(name: str, result: dict, task: str, params: int, size: int) -> Row:
     m = result["metrics"]
-    accuracy = m["f1"] if task == "squad2" else m["accuracy"]
-    exact = m["exact"] if task == "squad2" else None
+    accuracy = m["accuracy"] if task == "sst2" else m["f1"]
+    exact = {"squad2": m.get("exact"), "squad1": m.get("exact_match")}.get(task)
     best = m.get("best_f1") if task == "squad2" else None
     return Row(
         name, result["backend"], accuracy, exact, best, result["seconds"], result["questions"], params, size
@@ -79,7 +79,7 @@ def _row(name: str, result: dict, task: str, params: int, size: int) -> Row:
 
 def render_markdown(rows: list[Row], task: str, settings: str) -> str:
     source = rows[0]
-    metric = "F1" if task == "squad2" else "accuracy"
+    metric = "accuracy" if task == "sst2" else "F1"
     lines = [
         f"| model | backend | {metric} | Δ {metric} | EM | best F1 | Δ best F1 | ms / example | speedup "
         "| params | size (MB) |",
@@ -112,7 +112,7 @@ def render_chart(rows: list[Row], task: str, file: Path, settings: str) -> Path:
         if r.best is not None:  # best F1 over no-answer thresholds, hollow, same colour
             ax.scatter(speedup, r.best, s=60, facecolors="none", edgecolors=points.get_facecolor())
     ax.set_xlabel("speedup vs source (same machine, same data, tokenization included)")
-    ax.set_ylabel("F1 (filled) and best F1 (hollow)" if task == "squad2" else "accuracy (%)")
+    ax.set_ylabel({"squad2": "F1 (filled) and best F1 (hollow)", "squad1": "F1"}.get(task, "accuracy (%)"))
     ax.set_title("accuracy vs speed", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -156,7 +156,7 @@ def build_report(
     if threads:
         common += ["--threads", str(threads)]
     common += ["--device", device]
-    if task == "squad2":
+    if task in ("squad2", "squad1"):
         common += ["--articles", articles] if articles else []
         common += extra or []
     elif rows:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from packer.errors import PackerError
-from packer.evaluate import predict, squad
+from packer.evaluate import predict, squad, squad1
 from packer.runtime.tasks import qa
 
 
@@ -95,8 +96,13 @@ def eval_squad2(
     articles: list[str] | None = None,
     limit: int | None = None,
     progress: bool = True,
+    version: int = 2,
 ) -> dict:
+    """SQuAD v2 (the official v2 metric) or, with version=1, SQuAD 1.1: every question answerable, so the
+    model never answers "no answer", and the official v1.1 metric."""
     target.check()
+    if version == 1:
+        options = dataclasses.replace(options, handle_impossible_answer=False)
     dataset = load_squad(data, articles, limit)
     backend_name, load_seconds = None, 0.0
     if not (target.predictions or target.url):
@@ -105,7 +111,8 @@ def eval_squad2(
     if target.predictions:
         answers = json.loads(Path(target.predictions).read_text())
         na_probs = json.loads(Path(target.na_probs).read_text()) if target.na_probs else None
-        dataset = squad.restrict_to(dataset, answers)
+        if version == 2:  # v1.1's official total counts every question, answered or not
+            dataset = squad.restrict_to(dataset, answers)
     elif target.url:
         preds = predict.predict_squad_http(
             target.url, target.model, dataset, options, target.api_key, progress=progress
@@ -117,7 +124,9 @@ def eval_squad2(
         answers, na_probs = preds.answers, preds.na_probs
         backend_name = backend.name
     seconds = time.perf_counter() - start
-    metrics = squad.evaluate(dataset, answers, na_probs)
+    metrics = (
+        squad1.evaluate(dataset, answers) if version == 1 else squad.evaluate(dataset, answers, na_probs)
+    )
     return {
         "metrics": metrics,
         "predictions": answers,
