@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (fp32, fused by ONNX Runtime)")
     p.add_argument(
-        "--int8", nargs="?", const="dynamic", choices=["dynamic", "static"], help="also write model.int8.onnx"
+        "--int8",
+        nargs="?",
+        const="dynamic",
+        choices=["dynamic", "static"],
+        help="also write model.int8.onnx (the fp32 model.onnx it is made from is kept only with --onnx)",
     )
     p.add_argument(
         "--no-per-channel", action="store_true", help="per-tensor instead of per-channel int8 weights"
@@ -78,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx for GPUs")
     p.add_argument("--check-data", metavar="FILE", help="real text on which int8/fp16 agreement is measured")
     p.add_argument("--sparse-storage", action="store_true", help="store sparse matrices compressed (CSR)")
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "fp16"],
+        help="storage of model.safetensors: fp16 halves it (upcast to fp32 at load on CPU; the change in "
+        "logits is recorded in pack.json) (default: %(default)s)",
+    )
     p.set_defaults(func=commands.cmd_pack)
 
     p = sub.add_parser("inspect", parents=[common], help="per-layer structure of a checkpoint or an artifact")

@@ -33,6 +33,7 @@ def cmd_pack(args) -> int:
             calibration=args.calibration,
             check_data=args.check_data,
             sparse_storage=args.sparse_storage,
+            dtype=args.dtype,
         ),
     )
     s, eq, p = manifest["structure"], manifest["equivalence"], manifest["params"]
@@ -42,10 +43,11 @@ def cmd_pack(args) -> int:
         f"encoder linear weights kept {s['encoder_linear_fraction_kept']:.1%}\n"
         f"  parameters {p['before']:,} -> {p['after']:,}\n"
         f"  equivalence: max abs logit diff {eq['max_abs_diff']:.2e} (tolerance {eq['tolerance']:g})\n"
-        f"  took {manifest['timings']['total_s']:.1f} s"
+        f"  took {manifest['timings']['total_s']:.1f} s; "
+        f"artifact {sum(manifest['sizes'].values()) / 1e6:.1f} MB"
     )
     for name, entry in manifest["variants"].items():
-        line = f"  variant {name}: {entry['file']}"
+        line = f"  variant {name}: {entry['file']} ({manifest['sizes'][entry['file']] / 1e6:.1f} MB)"
         if "fusion" in entry:
             f = entry["fusion"]
             line += f", attention fused {f['attention_nodes']}/{f['expected_attention_nodes']}"

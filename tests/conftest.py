@@ -110,7 +110,7 @@ def bert_onnx(workdir, bert_qa_src):
     out = workdir / "bert-qa-onnx"
     from packer.build.pack import PackOptions, pack
 
-    pack(str(bert_qa_src), out, PackOptions(progress=False, int8="dynamic", fp16=True))
+    pack(str(bert_qa_src), out, PackOptions(progress=False, onnx=True, int8="dynamic", fp16=True))
     return out
 
 

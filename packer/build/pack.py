@@ -17,6 +17,7 @@ from packer.runtime import sparse
 from packer.runtime.loading import build_model
 from packer.artifact import (
     TOKENIZER,
+    VARIANT_FILES,
     WEIGHTS,
     Variant,
     atomic_directory,
@@ -54,6 +55,7 @@ class PackOptions:
     calibration: str | None = None  # real text for static int8
     check_data: str | None = None  # real text for variant agreement (SQuAD JSON, TSV, lines)
     sparse_storage: bool = False
+    dtype: str = "fp32"  # storage of model.safetensors: fp32, or fp16 (half the size; upcast at load)
 
 
 @dataclass
@@ -99,6 +101,29 @@ def load_source_tokenizer(source: Source, override: str | None):
             "(--tokenizer)"
         )
     return tokenizer
+
+
+def stored_dtype(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
+    return tensor.half() if dtype == "fp16" and tensor.is_floating_point() else tensor
+
+
+def torch_variant_entry(model, weights: dict, options: PackOptions, source) -> dict:
+    """The torch variant's pack.json entry; with fp16 storage, how far the upcast model moves."""
+    entry = {"file": WEIGHTS, "dtype": "float32"}
+    if options.dtype == "fp32":
+        return entry
+    if options.dtype != "fp16":
+        raise CheckpointError(f"--dtype {options.dtype!r} is not one of fp32, fp16")
+    upcast = build_model(model.config)
+    upcast.load_state_dict({k: stored_dtype(v, "fp16").to(v.dtype) for k, v in weights.items()})
+    upcast.eval()
+    diff = 0.0
+    with torch.inference_mode():
+        for batch in random_batches(source, options.seed):
+            for a, b in zip(model(**batch).values(), upcast(**batch).values(), strict=True):
+                diff = max(diff, float((a - b).abs().max()))
+    entry |= {"storage_dtype": "float16", "storage_max_abs_diff_vs_fp32": diff}
+    return entry
 
 
 def layer_report(ls: LayerStructure) -> dict:
@@ -176,7 +201,7 @@ def pack(src: str, out: str | Path, options: PackOptions | None = None) -> dict:
         },
         "task": source.task,
         "arch": source.spec.model_type,
-        "variants": {Variant.TORCH: {"file": WEIGHTS, "dtype": "float32"}},
+        "variants": {Variant.TORCH: torch_variant_entry(model, weights, options, source)},
         "params": {"before": params_before, "after": count_parameters(model)},
         "structure": summary,
         "layers": [layer_report(ls) for ls in layers],
@@ -198,7 +223,8 @@ def pack(src: str, out: str | Path, options: PackOptions | None = None) -> dict:
         hf_config = dict(source.config)
         hf_config["prune_serve"] = config.section()
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        manifest["storage"] = sparse.save(weights, tmp / WEIGHTS, sparse=options.sparse_storage)
+        stored = {k: stored_dtype(v, options.dtype) for k, v in weights.items()}
+        manifest["storage"] = sparse.save(stored, tmp / WEIGHTS, sparse=options.sparse_storage)
         tokenizer.save_pretrained(str(tmp))
         if not (tmp / TOKENIZER).is_file():  # serving reads tokenizer.json with the tokenizers library
             tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER))
@@ -217,7 +243,19 @@ def pack(src: str, out: str | Path, options: PackOptions | None = None) -> dict:
                     calibration_batches=encode(tokenizer, calibration, source.task),
                 )
             )
+            if options.int8 and not options.onnx:
+                # The fp32 graph was only the quantizer's input: not kept unless --onnx asked for it.
+                (tmp / VARIANT_FILES[Variant.ONNX]).unlink()
+                fp32_entry = manifest["variants"].pop(Variant.ONNX)
+                manifest["variants"][Variant.ONNX_INT8]["quantized_from"] = {
+                    "fusion": fp32_entry.get("fusion"),
+                    "equivalence": fp32_entry.get("equivalence"),
+                    "kept": False,
+                }
         t5 = time.perf_counter()
+        manifest["sizes"] = {
+            p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
         manifest["timings"] = {
             "read_and_analyze_s": round(prepared.seconds, 3),
             "resize_s": round(t2 - t1, 3),

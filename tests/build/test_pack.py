@@ -200,3 +200,29 @@ def test_sharded_safetensors_checkpoint(bert_qa_src, tmp_path):
     assert loaded.config.num_heads == EXPECTED_HEADS
     batches = sample_inputs(loaded.tokenizer, loaded.config.task, loaded.config.vocab_size, 0)
     assert max_diff(hf_model(bert_qa_src), loaded.model, batches) < 1e-5
+
+
+def test_fp16_storage_halves_the_weights_and_loads_as_fp32(bert_qa_src, bert_qa_packed, tmp_path):
+    out = tmp_path / "half"
+    manifest = pack(str(bert_qa_src), out, PackOptions(progress=False, dtype="fp16"))
+    full = (bert_qa_packed / "model.safetensors").stat().st_size
+    assert manifest["sizes"]["model.safetensors"] < 0.6 * full
+    entry = manifest["variants"]["torch"]
+    assert entry["storage_dtype"] == "float16" and 0 < entry["storage_max_abs_diff_vs_fp32"] < 1e-2
+    half, fp32 = packer.load(out), packer.load(bert_qa_packed)
+    assert all(p.dtype == torch.float32 for p in half.model.parameters())  # upcast at load
+    ids = torch.randint(5, fp32.config.vocab_size, (2, 24))
+    with torch.inference_mode():
+        diff = (half.model(ids).start_logits - fp32.model(ids).start_logits).abs().max().item()
+    assert diff < 1e-2
+
+
+def test_int8_alone_drops_the_intermediate_fp32_graph(bert_qa_src, tmp_path):
+    alone = pack(str(bert_qa_src), tmp_path / "a", PackOptions(progress=False, int8="dynamic"))
+    assert "model.onnx" not in alone["files"] and not (tmp_path / "a" / "model.onnx").exists()
+    assert set(alone["variants"]) == {"torch", "onnx-int8"}
+    assert alone["variants"]["onnx-int8"]["quantized_from"]["equivalence"]["passed"] is True
+    kept = pack(str(bert_qa_src), tmp_path / "b", PackOptions(progress=False, onnx=True, int8="dynamic"))
+    assert {"model.onnx", "model.int8.onnx"} <= set(kept["files"])
+    assert set(kept["sizes"]) == set(kept["files"])  # every file but pack.json, with its size
+    assert all(kept["sizes"][f] == (tmp_path / "b" / f).stat().st_size for f in kept["files"])
