@@ -31,7 +31,7 @@ from service.errors import (
 )
 from service.guard import RequestGuard, validation_message
 from service.metrics import Metrics
-from service.routes import hf, ops, v1
+from service.routes import hf, ops, v1, v2
 from service.settings import Settings
 
 log = logging.getLogger("prune_serve")
@@ -49,7 +49,7 @@ def install_error_handlers(app: FastAPI, engine: Engine) -> None:
 
     def respond(request: Request, error: ServiceError):
         engine.metrics.errors.labels(_model_label(request, engine), status_of(error)[1]).inc()
-        return error_response(error, request.scope.get("request_id"))
+        return error_response(error, request.scope.get("request_id"), request.url.path)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
@@ -163,6 +163,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestGuard, state=engine)  # outermost: runs before routing and CORS
     install_error_handlers(app, engine)
     install_docs(app)
-    for router in (ops.router, v1.router, hf.router):
+    for router in (ops.router, v1.router, v2.router, hf.router):
         app.include_router(router)
     return app

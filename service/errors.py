@@ -110,9 +110,17 @@ def status_of(error: ServiceError) -> tuple[int, str]:
     return STATUS.get(type(error), STATUS[InternalError])
 
 
-def error_response(error: ServiceError, request_id: str | None = None, **extra) -> JSONResponse:
+def error_response(
+    error: ServiceError, request_id: str | None = None, path: str = "", **extra
+) -> JSONResponse:
+    """The error's status and body: {"error": {"type", "message", "request_id"}}; under /v2/ the Open
+    Inference Protocol's {"error": "<message>"}, with type and request_id beside it."""
     status, kind = status_of(error)
     body = {"type": kind, "message": error.message}
     if request_id:
         body["request_id"] = request_id
-    return JSONResponse({"error": body, **extra}, status_code=status, headers=error.headers or None)
+    if path.startswith("/v2/"):
+        content = {"error": body.pop("message"), **body, **extra}
+    else:
+        content = {"error": body, **extra}
+    return JSONResponse(content, status_code=status, headers=error.headers or None)

@@ -18,7 +18,9 @@ from service.settings import Settings
 access_log = logging.getLogger("prune_serve.access")
 
 # The routes that take a JSON body (others are the router's to answer: 404 / 405).
-BODY_ROUTES = re.compile(r"^(/v1/models/[^/]+/(qa|classify)|/models/[^/]+)$")
+BODY_ROUTES = re.compile(
+    r"^(/v1/models/[^/]+/(qa|classify)|/models/[^/]+|/v2/models/[^/]+(/versions/[^/]+)?/infer)$"
+)
 OPEN_PATHS = ("/health", "/ready")
 ADMIN_PREFIX = "/v1/admin/"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -73,6 +75,7 @@ class RequestGuard:
                     too_large = error_response(
                         PayloadTooLarge(f"body is over the limit of {settings.max_body_bytes} bytes"),
                         request_id,
+                        scope["path"],
                     )
                     await too_large(scope, receive, send_wrapper)
                     return
@@ -116,6 +119,7 @@ class RequestGuard:
                         "(or PRUNE_SERVE_OPEN_ADMIN=true on a trusted network)"
                     ),
                     rid,
+                    scope["path"],
                 )
             return None
         if path in OPEN_PATHS or (path == "/metrics" and not settings.metrics_require_key):
@@ -131,6 +135,7 @@ class RequestGuard:
                     "send the API key as 'Authorization: Bearer KEY'", {"WWW-Authenticate": "Bearer"}
                 ),
                 rid,
+                scope["path"],
             )
         return None
 
@@ -142,15 +147,33 @@ class RequestGuard:
         rid = scope["request_id"]
         headers = dict(scope["headers"])
         content_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        v2 = scope["path"].startswith("/v2/")
+        if v2 and b"inference-header-content-length" in headers:
+            return error_response(
+                UnsupportedMediaType(
+                    "the binary tensor extension is not supported: send tensors as JSON "
+                    "(tritonclient: binary_data=False on inputs and outputs)"
+                ),
+                rid,
+                scope["path"],
+            )
+        if v2 and not content_type:
+            # Open Inference Protocol clients (tritonclient) send JSON without a content type: say it
+            # for them, so the router parses the body as the JSON it is.
+            scope["headers"] = [*scope["headers"], (b"content-type", b"application/json")]
+            content_type = "application/json"
         if content_type != "application/json":
             return error_response(
                 UnsupportedMediaType(f"content-type must be application/json, got {content_type or 'none'}"),
                 rid,
+                scope["path"],
             )
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
             return error_response(
-                PayloadTooLarge(f"body is {int(length)} bytes, the limit is {settings.max_body_bytes}"), rid
+                PayloadTooLarge(f"body is {int(length)} bytes, the limit is {settings.max_body_bytes}"),
+                rid,
+                scope["path"],
             )
         return None
 

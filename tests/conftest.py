@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 from pathlib import Path
@@ -23,8 +24,9 @@ def missing(what: str) -> None:
 
 
 def require_module(name: str, what: str):
+    """The module `name` (dotted names give the submodule itself), or missing(what)."""
     try:
-        return __import__(name)
+        return importlib.import_module(name)
     except ImportError:
         missing(what)
 
