@@ -21,7 +21,7 @@ from service.errors import InvalidInput, ModelNotFound, NotReady
 from service.guard import validation_message
 from service.handlers import run_classify, run_qa
 from service.registry import ServedModel
-from service.routes.deps import Deadline, EngineDep, app_engine
+from service.routes.deps import ERRORS, REQUEST_ERRORS, Deadline, EngineDep, app_engine
 from service.schemas import ClassifyItem, QAItem, QARequest
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
@@ -46,6 +46,18 @@ class RequestedOutput(BaseModel):
     parameters: dict[str, Any] | None = None
 
 
+class ProtocolError(BaseModel):
+    """The Open Inference Protocol's error body, with our type and request id beside the message."""
+
+    error: str
+    type: str
+    request_id: str | None = None
+
+
+def documented(*codes: int) -> dict:
+    return {code: {"model": ProtocolError, "description": ERRORS[code]["description"]} for code in codes}
+
+
 class InferRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str | None = None
@@ -54,17 +66,17 @@ class InferRequest(BaseModel):
     outputs: list[RequestedOutput] | None = None
 
 
-@router.get("")
+@router.get("", responses=documented(401))
 async def server_metadata():
     return {"name": "prune-serve", "version": __version__, "extensions": []}
 
 
-@router.get("/health/live")
+@router.get("/health/live", responses=documented(401))
 async def live():
     return {"live": True}
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", responses=documented(401, 503))
 async def ready(request: Request):
     if not app_engine(request).is_ready:
         raise NotReady("the server is not ready", {"Retry-After": "1"})
@@ -90,14 +102,14 @@ def _metadata(model: ServedModel) -> dict:
     }
 
 
-@router.get("/models/{name}")
-@router.get("/models/{name}/versions/{version}")
+@router.get("/models/{name}", responses=documented(401, 404, 503))
+@router.get("/models/{name}/versions/{version}", responses=documented(401, 404, 503))
 async def model_metadata(name: str, request: Request, version: str | None = None):
     return _metadata(_model(request, name, version))
 
 
-@router.get("/models/{name}/ready")
-@router.get("/models/{name}/versions/{version}/ready")
+@router.get("/models/{name}/ready", responses=documented(401, 404, 503))
+@router.get("/models/{name}/versions/{version}/ready", responses=documented(401, 404, 503))
 async def model_ready(name: str, request: Request, version: str | None = None):
     _model(request, name, version)
     return {"name": name, "ready": True}
@@ -138,8 +150,8 @@ def _tensor(name: str, values: list) -> dict:
     return {"name": name, "datatype": DATATYPES[name], "shape": [len(values)], "data": values}
 
 
-@router.post("/models/{name}/infer")
-@router.post("/models/{name}/versions/{version}/infer")
+@router.post("/models/{name}/infer", responses=documented(*REQUEST_ERRORS))
+@router.post("/models/{name}/versions/{version}/infer", responses=documented(*REQUEST_ERRORS))
 async def infer(
     name: str,
     body: InferRequest,
