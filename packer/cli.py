@@ -214,6 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--tokenizer", help="copy this real tokenizer (directory or hub id) instead of a toy one")
+    p.add_argument(
+        "--nn-pruning",
+        metavar="RESULTS.json",
+        help="rebuild a structure of nn_pruning's results file (BERT-base QA) instead of --profile",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=int,
+        default=0,
+        help="with --nn-pruning: which of its checkpoints, 0-based (sorted)",
+    )
     p.set_defaults(func=commands.cmd_synth)
     return parser
 

@@ -285,6 +285,31 @@ def cmd_synth(args) -> int:
 
     if Path(args.out).exists() and not args.force:
         raise PackerError(f"{args.out} already exists; pass --force to overwrite it")
+    if args.nn_pruning:
+        from packer.synth.checkpoints import build_checkpoint
+        from packer.synth.nn_pruning import plan_for, read_references
+
+        references = read_references(args.nn_pruning)
+        if not 0 <= args.checkpoint < len(references):
+            raise PackerError(
+                f"--checkpoint {args.checkpoint}: {args.nn_pruning} has 0..{len(references) - 1}"
+            )
+        ref = references[args.checkpoint]
+        out = build_checkpoint(
+            args.out,
+            shape=ref.shape,
+            plan=plan_for(ref, args.seed),
+            seed=args.seed,
+            tokenizer_from=args.tokenizer,
+        )
+        density = sum(ref.attention_density) / len(ref.attention_density)
+        print(
+            f"wrote nn_pruning checkpoint {args.checkpoint} ({ref.name.rsplit('/', 1)[-1]}) to {out}: "
+            f"{sum(map(len, ref.pruned_heads.values()))} heads removed, FFN dims kept {sum(ref.ffn_kept)}, "
+            f"attention density in kept heads {density:.0%} (not rebuilt); their F1 {ref.f1:.2f}, "
+            f"speedup {ref.speedup:.2f}x"
+        )
+        return 0
     out = build_profile(args.out, args.profile, task=args.task, seed=args.seed, tokenizer_from=args.tokenizer)
     print(f"wrote a random {args.profile} checkpoint to {out}")
     return 0

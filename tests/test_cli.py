@@ -8,6 +8,7 @@ import pytest
 
 from packer.build.structure import encoder_linear_params
 from packer.cli import main
+from packer.errors import PackerError
 from packer.evaluate.model_bench import encoder_flops, parse_shape
 from packer.synth.checkpoints import PROFILES, profile_plan
 
@@ -161,3 +162,58 @@ def test_cli_mistakes_are_messages_with_exit_2(bert_qa_src, tmp_path):
     again = prune_pack("synth", str(tmp_path / "s"), "-q")
     assert again.returncode == 2 and "--force" in again.stderr
     assert prune_pack("synth", str(tmp_path / "s"), "-q", "--force").returncode == 0
+
+
+def nn_pruning_results(path, heads_layer0, ffn_kept_layer0) -> None:
+    """A results file in nn_pruning's format (two checkpoints, BERT-base layer sizes)."""
+    layer = {"linear_attention_nnz": 4 * 768 * 64 * 6, "linear_dense_nnz": 2 * 768 * 3072}
+    first = {str(i): dict(layer) for i in range(12)}
+    first["0"] = {"linear_attention_nnz": 4 * 768 * 64 * 5, "linear_dense_nnz": 2 * 768 * ffn_kept_layer0}
+    checkpoints = {
+        name: {
+            "config": {
+                "num_hidden_layers": 12,
+                "hidden_size": 768,
+                "num_attention_heads": 12,
+                "intermediate_size": 3072,
+            },
+            "stats": {"pruned_heads": {"0": heads_layer0} if name == "a" else {}, "layers": first},
+            "eval_metrics": {"f1": 75.5},
+            "speedup": 1.7,
+        }
+        for name in ("b", "a")
+    }
+    path.write_text(json.dumps({"base_speed_report": {}, "checkpoints": checkpoints}))
+
+
+def test_nn_pruning_structures_are_read_exactly(tmp_path):
+    from packer.synth.nn_pruning import plan_for, read_references
+
+    nn_pruning_results(tmp_path / "r.json", [1, 4, 7], 853)
+    a, b = read_references(tmp_path / "r.json")  # sorted by name
+    assert a.name == "a" and a.pruned_heads == {0: [1, 4, 7]} and a.ffn_kept[0] == 853 and a.ffn_whole_dims
+    assert a.attention_density[0] == pytest.approx(5 / 9) and a.attention_density[1] == pytest.approx(0.5)
+    plan = plan_for(a)
+    assert plan.heads[0] == [1, 4, 7] and len(plan.ffn[0]) == 3072 - 853 and plan.ffn[1] == []
+    assert b.pruned_heads == {} and (a.f1, a.speedup) == (75.5, 1.7)
+    with pytest.raises(PackerError, match="not nn_pruning's results file"):
+        read_references(tmp_path / "missing.json")
+
+
+def test_the_published_nn_pruning_table_is_structured_as_read():
+    """In the real file every layer's FFN non-zeros are whole dims (1d_alt): 2 x 768 per dim."""
+    from tests.conftest import SHARED_DATA
+
+    path = SHARED_DATA / "nn_pruning_reference" / "results_squadv2.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (../shared/data is not part of the repository)")
+    from packer.synth.nn_pruning import read_references
+
+    references = read_references(path)
+    assert len(references) == 35
+    large = [r for r in references if r.shape.layers == 24]
+    # 33 BERT-base and 2 BERT-large (slower than BERT-base, so their own "speedup" is below 1)
+    assert len(large) == 2 and all(r.shape.hidden == 1024 and r.speedup < 1 for r in large)
+    for ref in references:
+        assert ref.ffn_whole_dims and all(0 <= d <= 1 for d in ref.attention_density + ref.ffn_density)
+        assert sum(ref.ffn_kept) == round(sum(ref.ffn_density) * ref.shape.intermediate)
