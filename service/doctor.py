@@ -21,6 +21,7 @@ import numpy as np
 
 from packer.artifact import QA, Variant, read_packed_config
 from packer.errors import PackerError
+from packer.runtime.agreement import compare, cpu_reference
 from packer.runtime.backends import NVIDIA_DRIVER_SIGNS, engine_sees_cuda, open_backend, present_variants
 from packer.runtime.samples import QA_PAIRS, SENTENCES
 from packer.runtime.tasks import classify, qa
@@ -112,28 +113,23 @@ def sample_batch(artifact: Path):
     return pad(windows, tokenizer.pad_token_id)[:3], [w.length for w in windows]
 
 
-def compare(reference: dict, outputs: dict, lengths: list[int]) -> dict:
-    diff, agree, total, finite = 0.0, 0, 0, True
-    for name, want in reference.items():
-        got = outputs[name]
-        finite &= bool(np.isfinite(got).all())
-        for row, n in enumerate(lengths):
-            w, g = (want[row, :n], got[row, :n]) if name != "logits" else (want[row], got[row])
-            diff = max(diff, float(np.abs(w - g).max()))
-            agree += int(np.argmax(w) == np.argmax(g))
-            total += 1
-    return {"max_abs_diff": round(diff, 5), "argmax_agreement": round(agree / total, 3), "finite": finite}
+def figures(reference: dict, outputs: dict, lengths: list[int]) -> dict:
+    result = compare(reference, outputs, lengths)
+    return {
+        "max_abs_diff": round(result.max_abs_diff, 5),
+        "argmax_agreement": round(result.fraction, 3),
+        "finite": result.finite,
+    }
 
 
 def check_artifact(artifact: Path) -> list[dict]:
     present = present_variants(artifact)
     batch, lengths = sample_batch(artifact)
-    reference_variant = Variant.ONNX if Variant.ONNX in present else Variant.TORCH
     rows = []
     try:
-        reference = open_backend(artifact, reference_variant, device="cpu", strict=True).run(*batch)
+        reference = cpu_reference(artifact, strict=True).run(*batch)
     except PackerError as exc:
-        return [{"artifact": str(artifact), "variant": reference_variant, "ok": False, "detail": str(exc)}]
+        return [{"artifact": str(artifact), "variant": "reference", "ok": False, "detail": str(exc)}]
     devices = ["cpu"] + (["cuda"] if engine_sees_cuda("onnxruntime") or engine_sees_cuda("torch") else [])
     for variant in present:
         for device in devices:
@@ -145,7 +141,7 @@ def check_artifact(artifact: Path) -> list[dict]:
             try:
                 backend = open_backend(artifact, variant, device=device, strict=True)
                 row["backend"] = backend.name
-                row |= compare(reference, backend.run(*batch), lengths)
+                row |= figures(reference, backend.run(*batch), lengths)
                 row["ok"] = row["finite"] and row["argmax_agreement"] >= MIN_AGREEMENT[backend.dtype]
             except PackerError as exc:
                 row.update(ok=False, detail=str(exc))

@@ -12,13 +12,13 @@ import numpy as np
 from packer.artifact import (
     QA,
     PackedConfig,
-    Variant,
     fingerprint,
     read_manifest,
     read_packed_config,
     verify_checksums,
 )
 from packer.errors import PackerError
+from packer.runtime.agreement import compare, cpu_reference
 from packer.runtime.backends import Backend, choose_variant, open_backend, present_variants
 from packer.runtime.samples import QA_PAIRS, SENTENCES
 from packer.runtime.tasks import classify, qa
@@ -159,26 +159,14 @@ def check_finite(model: ServedModel, outputs: dict[str, np.ndarray]) -> None:
 
 def check_against_cpu_reference(model: ServedModel, windows: list, outputs: dict[str, np.ndarray]) -> None:
     """fp16 and GPU outputs against the fp32 graph (or torch) on the CPU: argmax agreement per window."""
-    present = present_variants(model.path)
-    reference_variant = Variant.ONNX if Variant.ONNX in present else Variant.TORCH
     try:
-        reference = open_backend(model.path, reference_variant, device="cpu", threads=1)
+        reference = cpu_reference(model.path, threads=1)
     except PackerError as exc:  # e.g. the torch variant in an image without torch
         log.warning("model %s: no CPU fp32 reference to check against (%s)", model.name, exc)
         return
     expected = reference.run(*pad(windows, model.pad_id)[:3])
-    lengths = [w.length for w in windows]
-    agree, total = 0, 0
-    for name, want in expected.items():
-        got = outputs[name]
-        for row, n in enumerate(lengths):
-            w, g = (
-                (want[row, :n], got[row, :n])
-                if want.ndim == 2 and name != "logits"
-                else (want[row], got[row])
-            )
-            agree += int(np.argmax(w) == np.argmax(g))
-            total += 1
+    result = compare(expected, outputs, [w.length for w in windows])
+    agree, total = result.agree, result.total
     if agree < 0.75 * total:
         raise RegistryError(
             f"{model.backend.name} agrees with the CPU fp32 reference on only {agree} of "

@@ -62,8 +62,6 @@ def open_local(target: Target):
 def open_warm(target: Target):
     """open_local, then two runs of a short input (first runs allocate and pick kernels): the
     evaluation's timer starts after this, so it measures inference, not loading."""
-    import numpy as np
-
     from packer.runtime.tasks import classify
     from packer.runtime.tasks.padding import pad
 
@@ -73,7 +71,7 @@ def open_warm(target: Target):
         [classify.encode(tokenizer, "a short warm-up text", None, 32)], tokenizer.pad_token_id
     )
     for _ in range(2):
-        backend.run(np.asarray(ids), np.asarray(mask), types)
+        backend.run(ids, mask, types)
     return backend, tokenizer, id2label, time.perf_counter() - start
 
 

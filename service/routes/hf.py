@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from packer.artifact import QA
+from packer.runtime.tasks import qa
 from service.engine import Engine
 from service.errors import InvalidInput
 from service.guard import validation_message
@@ -57,7 +56,7 @@ async def _hf_qa(rt: Engine, model: ServedModel, body: HFRequest, request, deadl
     out = []
     for r in results:
         if r.is_impossible:
-            null = 1 / (1 + math.exp(-max(min(r.null_score_diff, 50), -50)))
+            null = qa.null_probability(r.null_score_diff)
             answers = [{"answer": "", "score": null, "start": 0, "end": 0}]
         else:
             answers = [a.model_dump() for a in r.answers]

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from packer import __version__
 from packer.artifact import QA
+from packer.runtime.tasks import qa
 from service.errors import InvalidInput, ModelNotFound, NotReady
 from service.guard import validation_message
 from service.handlers import run_classify, run_qa
@@ -90,9 +91,9 @@ def _model(request: Request, name: str, version: str | None) -> ServedModel:
 
 
 def _metadata(model: ServedModel) -> dict:
-    qa = model.task == QA
-    inputs = QA_INPUTS if qa else CLASSIFY_INPUTS
-    outputs = QA_OUTPUTS if qa else CLASSIFY_OUTPUTS
+    is_qa = model.task == QA
+    inputs = QA_INPUTS if is_qa else CLASSIFY_INPUTS
+    outputs = QA_OUTPUTS if is_qa else CLASSIFY_OUTPUTS
     return {
         "name": model.name,
         "versions": [VERSION],
@@ -179,7 +180,7 @@ async def infer(
         values = {
             "answer": [b.answer if b else "" for b in best],
             "score": [
-                b.score if b else 1 / (1 + math.exp(-max(min(r.null_score_diff, 50), -50)))
+                b.score if b else qa.null_probability(r.null_score_diff)
                 for b, r in zip(best, results, strict=True)
             ],
             "start": [b.start if b else 0 for b in best],

@@ -151,6 +151,11 @@ def char_span(context: str, window: Window, s: int, e: int, align_to_words: bool
     return int(spans[s, 0]), _through_marks(context, int(spans[e, 1]))
 
 
+def null_probability(null_score_diff: float) -> float:
+    """The no-answer score the HF-shaped and v2 routes report: a sigmoid of null_score_diff."""
+    return 1 / (1 + math.exp(-max(min(null_score_diff, 50), -50)))
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max())
     return e / e.sum()
