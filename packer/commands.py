@@ -74,7 +74,7 @@ def cmd_inspect(args) -> int:
     if (path / MANIFEST).is_file():
         manifest = read_manifest(path)
         layers, params, title = manifest["layers"], manifest["params"], f"{path.name} (packed)"
-        summary = manifest["structure"]
+        summary, arch, task = manifest["structure"], manifest.get("arch"), manifest.get("task")
     else:
         from packer.build.pack import PackOptions, layer_report, prepare
         from packer.build.structure import summarize
@@ -83,9 +83,12 @@ def cmd_inspect(args) -> int:
         layers = [layer_report(ls) for ls in prepared.layers]
         params, title = None, f"{args.path} (source)"
         summary = summarize(prepared.layers, prepared.source.hidden_size)
+        arch, task = prepared.source.spec.model_type, prepared.source.task
     if args.json:
-        print(json.dumps({"layers": layers, "structure": summary, "params": params}, indent=2))
+        report = {"arch": arch, "task": task, "layers": layers, "structure": summary, "params": params}
+        print(json.dumps(report, indent=2))
     else:
+        print(f"{arch} {task}")
         print(render_table(layers, params))
         print(
             f"encoder linear weights kept: {summary['encoder_linear_fraction_kept']:.1%}; "

@@ -51,9 +51,7 @@ class ServedModel:
 
     @property
     def max_window(self) -> int:
-        """The longest window the model's position table allows (RoBERTa's positions start after padding)."""
-        offset = self.config.pad_token_id + 1 if self.config.arch == "roberta" else 0
-        return self.config.max_position_embeddings - offset
+        return self.config.max_window
 
     @property
     def default_max_seq_len(self) -> int:

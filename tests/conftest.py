@@ -116,6 +116,38 @@ def bert_onnx(workdir, bert_qa_src):
     return out
 
 
+# Every architecture beyond BERT and RoBERTa, each pruned every way the BERT fixtures are.
+MORE_ARCHS = ("distilbert", "electra", "xlm-roberta", "camembert")
+
+
+@pytest.fixture(scope="session")
+def arch_artifact(workdir):
+    """(arch, task) -> (source, artifact, manifest): packed with ONNX and int8 on first use."""
+    from packer.artifact import TASK_ALIASES
+    from packer.build.pack import PackOptions, pack
+
+    cache: dict = {}
+
+    def get(arch: str, task: str):
+        key = (arch, TASK_ALIASES[task])
+        if key not in cache:
+            name = f"{arch}-{'qa' if key[1] == 'question-answering' else 'cls'}"
+            src = build_checkpoint(
+                workdir / "arch-src" / name,
+                arch=arch,
+                task=task,
+                plan=every_case_plan(),
+                seed=7,
+                num_labels=3,
+            )
+            out = workdir / "arch" / name
+            manifest = pack(str(src), out, PackOptions(progress=False, onnx=True, int8="dynamic"))
+            cache[key] = (src, out, manifest)
+        return cache[key]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def models_dir(workdir, bert_onnx, bert_qa_packed, roberta_cls_src):
     from packer.build.pack import PackOptions, pack

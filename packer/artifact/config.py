@@ -25,6 +25,15 @@ class PackedConfig:
     num_heads: list[int]
     intermediate_sizes: list[int]
     id2label: dict[int, str] = field(default_factory=dict)
+    # Fields added with more architectures; artifacts packed before them read the BERT/RoBERTa values.
+    embedding_size: int = 0  # 0: hidden_size; else ELECTRA-style embeddings projected to hidden_size
+    positions: str = ""  # "absolute" or "after-padding" (RoBERTa family)
+    pooler_act: str = "tanh"  # the classification head's dense activation (DistilBERT relu, ELECTRA gelu)
+
+    def __post_init__(self):
+        if not self.positions:
+            self.positions = "after-padding" if self.arch == "roberta" else "absolute"
+        self.embedding_size = self.embedding_size or self.hidden_size
 
     @property
     def num_layers(self) -> int:
@@ -45,6 +54,12 @@ class PackedConfig:
         data = dict(data)
         data["id2label"] = {int(k): v for k, v in (data.get("id2label") or {}).items()}
         return cls(**data)
+
+    @property
+    def max_window(self) -> int:
+        """The longest window the position table allows (RoBERTa's positions start after padding)."""
+        offset = self.pad_token_id + 1 if self.positions == "after-padding" else 0
+        return self.max_position_embeddings - offset
 
     @property
     def uses_token_types(self) -> bool:

@@ -29,7 +29,10 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", 
 
 @dataclass
 class Source:
-    """A checkpoint read into memory, normalized to the full-size HF layout in fp32."""
+    """A checkpoint read into memory, normalized to the full-size HF layout in fp32.
+
+    `config` is config.json with the canonical values under BERT's names (arch.CANONICAL_CONFIG);
+    `raw_config` is config.json as its family's own code reads it."""
 
     ref: str
     path: Path
@@ -39,6 +42,7 @@ class Source:
     task: str
     weight_files: list[dict] = field(default_factory=list)
     expanded_pruned_heads: dict[int, list[int]] = field(default_factory=dict)
+    raw_config: dict = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -163,14 +167,19 @@ def expected_shapes(config: dict, spec: ArchSpec, task: str) -> dict[str, tuple[
     """Every tensor the packer reads, with the shape the config implies."""
     hidden = int(config["hidden_size"])
     inter = int(config["intermediate_size"])
+    width = int(config["embedding_size"])
     shapes: dict[str, tuple[int, ...]] = {
-        spec.embedding("word") + ".weight": (int(config["vocab_size"]), hidden),
-        spec.embedding("position") + ".weight": (int(config["max_position_embeddings"]), hidden),
-        spec.embedding("norm") + ".weight": (hidden,),
-        spec.embedding("norm") + ".bias": (hidden,),
+        spec.embedding("word") + ".weight": (int(config["vocab_size"]), width),
+        spec.embedding("position") + ".weight": (int(config["max_position_embeddings"]), width),
+        spec.embedding("norm") + ".weight": (width,),
+        spec.embedding("norm") + ".bias": (width,),
     }
     if int(config.get("type_vocab_size", 0) or 0) > 0:
-        shapes[spec.embedding("token_type") + ".weight"] = (int(config["type_vocab_size"]), hidden)
+        shapes[spec.embedding("token_type") + ".weight"] = (int(config["type_vocab_size"]), width)
+    projection = spec.projection(config)
+    if projection:
+        shapes[projection + ".weight"] = (hidden, width)
+        shapes[projection + ".bias"] = (hidden,)
     for i in range(int(config["num_hidden_layers"])):
         for part in ("query", "key", "value"):
             shapes[spec.layer(i, part) + ".weight"] = (hidden, hidden)
@@ -219,9 +228,9 @@ def check_tensors(state: dict[str, torch.Tensor], config: dict, spec: ArchSpec, 
             raise CheckpointError(f"{key} holds NaN or infinite values")
 
 
-def _check_config(config: dict, path: Path) -> None:
+def _check_config(config: dict, spec: ArchSpec, path: Path) -> None:
     required = ["hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"]
-    missing = [k for k in required if k not in config]
+    missing = [spec.config_names.get(k, k) for k in required if k not in config]
     if missing:
         raise CheckpointError(f"{path}/config.json lacks {', '.join(missing)}")
     if int(config["hidden_size"]) % int(config["num_attention_heads"]):
@@ -284,9 +293,10 @@ def read_source(
     src: str, task: str | None = None, revision: str | None = None, progress: bool = True
 ) -> Source:
     path = resolve(src, revision)
-    config = read_config(path)
-    spec = spec_for(config.get("model_type"))
-    _check_config(config, path)
+    raw_config = read_config(path)
+    spec = spec_for(raw_config.get("model_type"))
+    config = spec.canonical_config(raw_config)
+    _check_config(config, spec, path)
     raw_state, files = read_state_dict(path, progress=progress)
     state = _normalize_keys(raw_state)
     resolved_task = detect_task(config, state, task)
@@ -304,6 +314,7 @@ def read_source(
         task=resolved_task,
         weight_files=files,
         expanded_pruned_heads=expanded,
+        raw_config={k: v for k, v in raw_config.items() if k != "pruned_heads"},
     )
 
 

@@ -136,7 +136,13 @@ def optimize(raw: Path, out: Path, config: PackedConfig, for_gpu: bool = False, 
         note = "" if attention == expected else f"{attention} of {expected} attention layers fused"
     fused = model is not None and attention == expected
     skip_layer_norm = "none"
-    if fused:
+    # A partly fused graph (ELECTRA: the optimizer cannot match the attention fed by the embedding
+    # projection) is kept too: build_variants checks the fp32 graph against torch before anything is
+    # written, so a wrong fusion fails the pack rather than serving.
+    if model is not None and attention > 0:
+        if not fused:
+            note += "; the unfused layers run as plain MatMul/Softmax"
+            log.warning("ONNX Runtime attention fusion incomplete (%s)", note)
         if fp16:
             model.convert_float_to_float16(keep_io_types=True)
             skip_layer_norm = "fused" if stats.get("SkipLayerNormalization") else "none"
@@ -144,7 +150,7 @@ def optimize(raw: Path, out: Path, config: PackedConfig, for_gpu: bool = False, 
             skip_layer_norm = "add+layernorm"  # CPU graph: see CPU_DISABLED_OPTIMIZERS
         model.save_model_to_file(str(out))
     else:
-        log.warning("ONNX Runtime attention fusion incomplete (%s): keeping the unfused graph", note)
+        log.warning("ONNX Runtime attention fusion failed (%s): keeping the unfused graph", note)
         import onnx
 
         graph = onnx.load(str(raw))

@@ -26,6 +26,9 @@ def packed_config(source: Source, layers: list[LayerStructure]) -> PackedConfig:
         hidden_size=source.hidden_size,
         max_position_embeddings=int(c["max_position_embeddings"]),
         type_vocab_size=int(c.get("type_vocab_size", 0) or 0),
+        embedding_size=int(c["embedding_size"]),
+        positions=source.spec.positions,
+        pooler_act=source.spec.pooler_act,
         layer_norm_eps=float(c.get("layer_norm_eps", 1e-12)),
         hidden_act=str(c.get("hidden_act", "gelu")),
         pad_token_id=int(c.get("pad_token_id", 0) or 0),
@@ -90,6 +93,10 @@ def resize(source: Source, layers: list[LayerStructure], progress: bool = False)
             packed[f"embeddings.{part}.weight"] = state[key].clone()
     packed["embeddings.norm.weight"] = state[spec.embedding("norm") + ".weight"].clone()
     packed["embeddings.norm.bias"] = state[spec.embedding("norm") + ".bias"].clone()
+    projection = spec.projection(source.config)
+    if projection:
+        packed["embeddings.projection.weight"] = state[projection + ".weight"].clone()
+        packed["embeddings.projection.bias"] = state[projection + ".bias"].clone()
     for ls in tqdm(layers, desc="resizing", unit="layer", disable=not progress):
         packed.update(resize_layer(source, ls))
     for packed_name, source_name in spec.head_keys(source.task).items():

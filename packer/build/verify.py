@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from packer.artifact import QA
+from packer.build.arch import AFTER_PADDING
 from packer.build.checkpoint import Source
 from packer.errors import CheckpointError
 from packer.runtime.samples import QA_PAIRS, SENTENCES
@@ -39,7 +40,8 @@ def reference_model(source: Source, attn_implementation: str = "eager") -> nn.Mo
     """transformers' model for the source, holding the normalized (masked, expanded) weights."""
     from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
-    kwargs = {k: v for k, v in source.config.items() if k not in ("model_type", "transformers_version")}
+    raw = source.raw_config or source.config
+    kwargs = {k: v for k, v in raw.items() if k not in ("model_type", "transformers_version")}
     kwargs.pop("dtype", None)
     kwargs.pop("torch_dtype", None)
     config = AutoConfig.for_model(source.spec.model_type, **kwargs)
@@ -57,7 +59,7 @@ def random_batches(source: Source, seed: int) -> list[dict[str, torch.Tensor]]:
     vocab = int(source.config["vocab_size"])
     pad = int(source.config.get("pad_token_id", 0) or 0)
     max_len = int(source.config["max_position_embeddings"]) - (
-        pad + 2 if source.spec.model_type == "roberta" else 0
+        pad + 2 if source.spec.positions == AFTER_PADDING else 0
     )
     batches = []
     for batch, seq in ((2, 24), (3, min(61, max_len))):

@@ -1,4 +1,8 @@
-"""The packed model: a BERT/RoBERTa encoder whose layers have their own head counts and FFN sizes.
+"""The packed model: a BERT-family encoder whose layers have their own head counts and FFN sizes.
+
+Self-contained (torch and transformers only): pack copies this file into every artifact, where
+transformers' custom-code loader runs it (modeling_prune_serve.py). `config` is anything with
+PackedConfig's fields: the artifact's PackedConfig here, transformers' PruneServeConfig there.
 
 Each attention layer reshapes with its explicit head count (never -1): ONNX Runtime's attention
 fusion recognises pruned layers only that way. A layer with no heads or no FFN dims keeps only
@@ -15,7 +19,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import QuestionAnsweringModelOutput, SequenceClassifierOutput
 
-from packer.artifact import QA, PackedConfig
+QA = "question-answering"  # packer.artifact.QA, spelled out so that this file stands alone
+AFTER_PADDING = "after-padding"
 
 
 class OutputProjection(nn.Module):
@@ -83,7 +88,7 @@ class PackedFeedForward(nn.Module):
 
 
 class PackedLayer(nn.Module):
-    def __init__(self, config: PackedConfig, i: int):
+    def __init__(self, config, i: int):
         super().__init__()
         eps = config.layer_norm_eps
         self.attention = PackedAttention(config.hidden_size, config.num_heads[i], config.head_dim, eps)
@@ -94,19 +99,20 @@ class PackedLayer(nn.Module):
 
 
 class Embeddings(nn.Module):
-    def __init__(self, config: PackedConfig):
+    def __init__(self, config):
         super().__init__()
-        self.arch = config.arch
+        self.positions_after_padding = config.positions == AFTER_PADDING
         self.pad_token_id = config.pad_token_id
-        self.word = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type = (
-            nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size else None
-        )
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        width = config.embedding_size or config.hidden_size
+        self.word = nn.Embedding(config.vocab_size, width)
+        self.position = nn.Embedding(config.max_position_embeddings, width)
+        self.token_type = nn.Embedding(config.type_vocab_size, width) if config.type_vocab_size else None
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        # ELECTRA's small embeddings are projected up to the encoder's width after their LayerNorm.
+        self.projection = nn.Linear(width, config.hidden_size) if width != config.hidden_size else None
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        if self.arch == "roberta":
+        if self.positions_after_padding:
             # RoBERTa numbers positions from pad+1 and gives padding the pad position.
             not_pad = input_ids.ne(self.pad_token_id).long()
             positions = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_token_id
@@ -117,21 +123,25 @@ class Embeddings(nn.Module):
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
             x = x + self.token_type(token_type_ids)
-        return self.norm(x)
+        x = self.norm(x)
+        return self.projection(x) if self.projection is not None else x
 
 
-class PackedModel(nn.Module):
-    def __init__(self, config: PackedConfig):
-        super().__init__()
-        self.config = config
+class PackedEncoder:
+    """The packed model's modules and forward, mixed into nn.Module (PackedModel) or transformers'
+    PreTrainedModel (the artifact's modeling_prune_serve.py), so that both hold the same weight names."""
+
+    def build(self, config) -> None:
+        self.packed_config = config
         self.embeddings = Embeddings(config)
-        self.layers = nn.ModuleList(PackedLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(PackedLayer(config, i) for i in range(len(config.num_heads)))
         hidden = config.hidden_size
         if config.task == QA:
             self.qa_outputs = nn.Linear(hidden, 2)
         else:
             self.pooler = nn.Linear(hidden, hidden)
-            self.classifier = nn.Linear(hidden, config.num_labels)
+            self.pooler_act = ACT2FN[getattr(config, "pooler_act", "tanh")]
+            self.classifier = nn.Linear(hidden, len(config.id2label))
 
     def set_attention_implementation(self, name: str) -> None:
         """'sdpa' (fast in torch) or 'eager' (the graph ONNX Runtime fuses)."""
@@ -162,13 +172,20 @@ class PackedModel(nn.Module):
                 mask = None
         for layer in self.layers:
             x = layer(x, mask)
-        if self.config.task == QA:
+        if self.packed_config.task == QA:
             start, end = self.qa_outputs(x).split(1, dim=-1)
             return QuestionAnsweringModelOutput(
                 start_logits=start.squeeze(-1).contiguous(), end_logits=end.squeeze(-1).contiguous()
             )
-        pooled = torch.tanh(self.pooler(x[:, 0]))
+        pooled = self.pooler_act(self.pooler(x[:, 0]))
         return SequenceClassifierOutput(logits=self.classifier(pooled))
+
+
+class PackedModel(PackedEncoder, nn.Module):
+    def __init__(self, config):
+        nn.Module.__init__(self)
+        self.config = config
+        self.build(config)
 
 
 def count_parameters(model: nn.Module) -> int:

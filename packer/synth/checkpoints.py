@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from packer.artifact import QA, TASK_ALIASES
-from packer.build.arch import spec_for
+from packer.build.arch import AFTER_PADDING, spec_for
 from packer.build.checkpoint import expected_shapes
 from packer.runtime.samples import QA_PAIRS, SENTENCES
 
@@ -30,6 +30,7 @@ class Shape:
     intermediate: int
     vocab_size: int = 0  # 0: as many as the tokenizer has
     max_positions: int = 512
+    embedding_size: int = 0  # ELECTRA: smaller embeddings projected up (0: hidden // 2)
 
 
 @dataclass
@@ -58,8 +59,11 @@ def _words() -> list[str]:
     return sorted(set(re.findall(r"[a-z]+", text)))
 
 
-def write_bert_tokenizer(out: Path, vocab_size: int = 0) -> int:
-    from transformers import BertTokenizerFast
+def write_bert_tokenizer(out: Path, vocab_size: int = 0, arch: str = "bert") -> int:
+    """WordPiece, saved as the family's own tokenizer class (DistilBERT's drops token type ids)."""
+    import transformers
+
+    cls = getattr(transformers, spec_for(arch).hf_family + "TokenizerFast", transformers.BertTokenizerFast)
 
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,;:!?'\"()-")
     vocab = SPECIALS["bert"] + chars + ["##" + c for c in chars] + [w for w in _words() if len(w) > 1]
@@ -69,11 +73,45 @@ def write_bert_tokenizer(out: Path, vocab_size: int = 0) -> int:
     vocab_file = out / "vocab.txt"
     vocab_file.write_text("\n".join(vocab) + "\n")
     vocab_ids = {token: i for i, token in enumerate(vocab)}
-    BertTokenizerFast(vocab=vocab_ids, do_lower_case=True).save_pretrained(str(out))
+    cls(vocab=vocab_ids, do_lower_case=True).save_pretrained(str(out))
     return len(vocab)
 
 
-def write_roberta_tokenizer(out: Path, vocab_size: int = 0) -> int:
+ROBERTA_SPECIALS = dict(
+    bos_token="<s>",
+    eos_token="</s>",
+    sep_token="</s>",
+    cls_token="<s>",
+    unk_token="<unk>",
+    pad_token="<pad>",
+    mask_token="<mask>",
+)
+
+
+def write_sentencepiece_tokenizer(out: Path, vocab_size: int = 0, arch: str = "xlm-roberta") -> int:
+    """A SentencePiece (Unigram, Metaspace) tokenizer as XLM-RoBERTa and CamemBERT use."""
+    import transformers
+    from tokenizers import SentencePieceUnigramTokenizer, processors
+
+    unigram = SentencePieceUnigramTokenizer()
+    corpus = [q + " " + c for q, c in QA_PAIRS] + SENTENCES
+    unigram.train_from_iterator(
+        corpus,
+        vocab_size=max(vocab_size, 300),
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        unk_token="<unk>",
+    )
+    unigram.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    cls = getattr(transformers, spec_for(arch).hf_family + "TokenizerFast")
+    tokenizer = cls(tokenizer_object=unigram, **ROBERTA_SPECIALS)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out))
+    return len(tokenizer)
+
+
+def write_roberta_tokenizer(out: Path, vocab_size: int = 0, arch: str = "roberta") -> int:
     from tokenizers import ByteLevelBPETokenizer, processors
     from transformers import RobertaTokenizerFast
 
@@ -86,43 +124,47 @@ def write_roberta_tokenizer(out: Path, vocab_size: int = 0) -> int:
         special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
     )
     bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    tokenizer = RobertaTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<s>",
-        eos_token="</s>",
-        sep_token="</s>",
-        cls_token="<s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        mask_token="<mask>",
-    )
+    tokenizer = RobertaTokenizerFast(tokenizer_object=bpe, **ROBERTA_SPECIALS)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out))
     return len(tokenizer)
 
 
+TOKENIZER_WRITERS = {
+    "bert": write_bert_tokenizer,
+    "distilbert": write_bert_tokenizer,
+    "electra": write_bert_tokenizer,
+    "roberta": write_roberta_tokenizer,
+    "xlm-roberta": write_sentencepiece_tokenizer,
+    "camembert": write_sentencepiece_tokenizer,
+}
+
+
 def make_config(arch: str, task: str, shape: Shape, vocab_size: int, num_labels: int = 2) -> dict:
     from transformers import AutoConfig
 
+    spec = spec_for(arch)
+    after_padding = spec.positions == AFTER_PADDING
     extra = (
         {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "type_vocab_size": 1}
-        if arch == "roberta"
+        if after_padding
         else {}
     )
-    max_positions = shape.max_positions + (2 if arch == "roberta" else 0)
-    config = AutoConfig.for_model(
-        arch,
-        vocab_size=vocab_size,
-        hidden_size=shape.hidden,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        intermediate_size=shape.intermediate,
-        max_position_embeddings=max_positions,
-        **extra,
-    ).to_dict()
-    family = "Bert" if arch == "bert" else "Roberta"
+    if spec.embedding_projection:
+        extra["embedding_size"] = shape.embedding_size or shape.hidden // 2
+    canonical = {
+        "vocab_size": vocab_size,
+        "hidden_size": shape.hidden,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "intermediate_size": shape.intermediate,
+        "max_position_embeddings": shape.max_positions + (2 if after_padding else 0),
+    }
+    # Under the family's own config names (DistilBERT: dim, n_layers, n_heads, hidden_dim).
+    native = {spec.config_names.get(name, name): value for name, value in canonical.items()}
+    config = AutoConfig.for_model(arch, **native, **extra).to_dict()
     config["architectures"] = [
-        family + ("ForQuestionAnswering" if task == QA else "ForSequenceClassification")
+        spec.hf_family + ("ForQuestionAnswering" if task == QA else "ForSequenceClassification")
     ]
     if task != QA:
         config["id2label"] = {
@@ -136,8 +178,9 @@ def make_config(arch: str, task: str, shape: Shape, vocab_size: int, num_labels:
 def random_state_dict(config: dict, arch: str, task: str, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for key, shape in expected_shapes(config, spec_for(arch), task).items():
-        if key.endswith("LayerNorm.weight"):
+    spec = spec_for(arch)
+    for key, shape in expected_shapes(spec.canonical_config(config), spec, task).items():
+        if key.endswith(("LayerNorm.weight", "layer_norm.weight")):
             state[key] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         elif key.endswith(".bias"):
             state[key] = 0.1 * torch.randn(shape, generator=gen)
@@ -149,6 +192,7 @@ def random_state_dict(config: dict, arch: str, task: str, seed: int) -> dict[str
 
 def apply_plan(state: dict[str, torch.Tensor], config: dict, arch: str, plan: PrunePlan, seed: int) -> None:
     spec = spec_for(arch)
+    config = spec.canonical_config(config)
     d = config["hidden_size"] // config["num_attention_heads"]
 
     def head_rows(heads):
@@ -177,10 +221,9 @@ def apply_plan(state: dict[str, torch.Tensor], config: dict, arch: str, plan: Pr
         zero(w("ffn_out"), cols=plan.ffn_output_only.get(layer, []))
     if plan.unstructured:
         gen = torch.Generator().manual_seed(seed + 1)
-        for key, t in state.items():
-            if (".encoder.layer." in key and key.endswith("dense.weight")) or key.endswith(
-                ("query.weight", "key.weight", "value.weight")
-            ):
+        for layer in range(config["num_hidden_layers"]):
+            for part in ("query", "key", "value", "attn_out", "ffn_in", "ffn_out"):
+                t = state[spec.layer(layer, part) + ".weight"]
                 t[torch.rand(t.shape, generator=gen) < plan.unstructured] = 0.0
 
 
@@ -206,8 +249,7 @@ def build_checkpoint(
         real.save_pretrained(str(out))
         vocab_size = len(real)
     else:
-        writer = write_bert_tokenizer if arch == "bert" else write_roberta_tokenizer
-        vocab_size = writer(out, shape.vocab_size)
+        vocab_size = TOKENIZER_WRITERS[arch](out, shape.vocab_size, arch)
     config = make_config(arch, task, shape, max(vocab_size, shape.vocab_size), num_labels)
     state = random_state_dict(config, arch, task, seed)
     apply_plan(state, config, arch, plan or PrunePlan(), seed)

@@ -23,7 +23,7 @@ from tests.conftest import sample_inputs
 @pytest.fixture(scope="session")
 def roberta_onnx(workdir, roberta_cls_src):
     out = workdir / "roberta-cls-onnx"
-    pack(str(roberta_cls_src), out, PackOptions(progress=False, int8="dynamic"))
+    pack(str(roberta_cls_src), out, PackOptions(progress=False, onnx=True, int8="dynamic"))
     return out
 
 

@@ -65,6 +65,9 @@ def dict_word_spans(offsets, word_ids) -> list:
 
 def artifacts(request) -> list[Path]:
     paths = [request.getfixturevalue("bert_qa_packed"), request.getfixturevalue("roberta_cls_packed")]
+    # SentencePiece (XLM-RoBERTa) and a WordPiece model without token types (DistilBERT)
+    arch_artifact = request.getfixturevalue("arch_artifact")
+    paths += [arch_artifact("xlm-roberta", "qa")[1], arch_artifact("distilbert", "qa")[1]]
     real = SHARED_DATA / "models" / "minilm-l6-squad2"
     if real.is_dir():
         paths.append(real)  # a real uncased WordPiece tokenizer (its checkpoint holds tokenizer.json)
