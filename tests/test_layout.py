@@ -35,7 +35,7 @@ THIRD_PARTY = {
     | {"prometheus_client", "swagger_ui_bundle", "onnxruntime"},
 }
 # the only runtime modules that may import torch or transformers: the torch variant's own
-TORCH_MODULES = {"loading.py", "modeling.py", "sparse.py", "torch.py"}
+TORCH_MODULES = {"loading.py", "modeling.py", "modeling_prune_serve.py", "sparse.py", "torch.py"}
 
 
 def imports(file: Path) -> set[str]:

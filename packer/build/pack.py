@@ -25,6 +25,7 @@ from packer.artifact import (
     remove_leftovers,
     write_manifest,
 )
+from packer.build.interop import copy_code, transformers_config
 from packer.build.checkpoint import Source, has_tokenizer, read_source
 from packer.errors import CheckpointError, VerificationError
 from packer.build.masks import Masks, apply_masks, read_masks
@@ -220,9 +221,9 @@ def pack(src: str, out: str | Path, options: PackOptions | None = None) -> dict:
     variant_options.validate(calibration)
 
     with atomic_directory(Path(out), force=options.force) as tmp:
-        hf_config = dict(source.config)
-        hf_config["prune_serve"] = config.section()
+        hf_config = transformers_config(config, source.raw_config or source.config)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        copy_code(tmp)
         stored = {k: stored_dtype(v, options.dtype) for k, v in weights.items()}
         manifest["storage"] = sparse.save(stored, tmp / WEIGHTS, sparse=options.sparse_storage)
         tokenizer.save_pretrained(str(tmp))
