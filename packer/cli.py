@@ -196,7 +196,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--heads", type=fraction, default=0.25, help="fraction of heads to close, in [0, 1) (0.25)"
     )
     p.add_argument("--ffn", type=fraction, default=0.5, help="fraction of FFN dims to close, in [0, 1) (0.5)")
+    p.add_argument(
+        "--allow-empty-layers",
+        action="store_true",
+        help="write the gates even when a layer would lose every head or FFN dim (refused otherwise)",
+    )
     p.set_defaults(func=commands.cmd_gates)
+
+    p = sub.add_parser(
+        "prune",
+        parents=[common],
+        help="prune a dense fine-tuned model: gates, a FLOP target, distillation recovery",
+        description="Writes OUT: the pruned checkpoint (full shapes, zeros), masks.json and prune.json; "
+        "then `prune-pack pack OUT PACKED`.",
+    )
+    p.add_argument("src", help="the dense fine-tuned checkpoint (directory or hub id)")
+    p.add_argument("out", help="directory to write the pruned checkpoint to")
+    p.add_argument("--data", action="append", required=True, help="training data: SQuAD JSON (QA) or TSV")
+    p.add_argument("--exclude-articles", help="comma-separated SQuAD article titles to leave out (held out)")
+    p.add_argument("--rows", help="TSV rows to train on, 1-based inclusive, e.g. 1-600")
+    p.add_argument("--target-speedup", type=float, required=True, help="FLOP ratio to reach, e.g. 2.0")
+    p.add_argument("--time-budget", type=float, help="seconds for importance and recovery together")
+    p.add_argument("--steps", type=int, help="recovery steps (0: no recovery)")
+    p.add_argument("--importance-steps", type=int, help="batches for gain / l0 (default 64 / 200)")
+    p.add_argument(
+        "--method", default="l0", choices=["l0", "gain", "magnitude"], help="importance (default l0)"
+    )
+    p.add_argument("--teacher", help="distillation teacher (default: SRC itself)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-5, help="recovery peak learning rate")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per training window")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite OUT")
+    p.set_defaults(func=commands.cmd_prune)
 
     p = sub.add_parser(
         "synth", parents=[common], help="write a random pruned checkpoint (tests and benchmarks)"

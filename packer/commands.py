@@ -57,6 +57,8 @@ def cmd_pack(args) -> int:
             a = entry["agreement_with_fp32"]
             line += f", argmax agreement {a['argmax_agreement']:.1%}, correlation {a['correlation']:.4f}"
         print(line)
+    for warning in empty_layer_warnings(manifest["layers"]):
+        print(f"  warning: {warning}")
     storage = manifest["storage"]
     if storage["sparse_tensors"]:
         print(
@@ -64,6 +66,19 @@ def cmd_pack(args) -> int:
             f"{storage['dense_bytes'] / storage['stored_bytes']:.1f}x smaller than dense"
         )
     return 0
+
+
+def empty_layer_warnings(layers: list[dict]) -> list[str]:
+    """Layers left with no heads or no FFN dims: legitimate when pruning chose it, fatal when a gate
+    file closed a layer by accident (the README's gates example once closed all of layer 0's heads)."""
+    no_heads = [str(layer["layer"]) for layer in layers if not layer["heads"]["after"]]
+    no_ffn = [str(layer["layer"]) for layer in layers if not layer["ffn_dims"]["after"]]
+    out = []
+    if no_heads:
+        out.append(f"layer(s) {', '.join(no_heads)} lost every attention head (attention is bias-only there)")
+    if no_ffn:
+        out.append(f"layer(s) {', '.join(no_ffn)} lost every FFN dim (the FFN is bias-only there)")
+    return out
 
 
 def cmd_inspect(args) -> int:
@@ -274,12 +289,77 @@ def cmd_gates(args) -> int:
         )
     source = read_source(args.src, progress=not args.quiet)
     masks = magnitude_gates(source, args.heads, args.ffn)
+    closed = [
+        f"layer {i} would lose every {'head' if section == 'heads' else 'FFN dim'}"
+        for section in ("heads", "ffn")
+        for i, gates in masks[section].items()
+        if not any(gates)
+    ]
+    if closed and not args.allow_empty_layers:
+        raise PackerError(
+            f"{'; '.join(closed)} (magnitude ranks globally); such a model usually answers nothing. "
+            "Close a smaller fraction, use `prune-pack prune` (importance from data, with recovery), or "
+            "pass --allow-empty-layers if this is what you want"
+        )
+    for message in closed:
+        print(f"warning: {message} (--allow-empty-layers)", file=sys.stderr)
     Path(args.out).write_text(json.dumps(masks) + "\n")
     closed_heads = sum(g.count(0) for g in masks["heads"].values())
     closed_ffn = sum(g.count(0) for g in masks["ffn"].values())
     print(
         f"wrote {args.out}: {closed_heads} heads and {closed_ffn} FFN dims closed (lowest weight magnitude)"
     )
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from packer.prune.run import PruneOptions, prune
+
+    rows = None
+    if args.rows:
+        try:
+            first, last = (int(x) for x in args.rows.split("-"))
+        except ValueError:
+            raise PackerError(f"--rows {args.rows!r} is not FIRST-LAST, e.g. 1-600") from None
+        rows = range(first, last + 1)
+    if args.steps is None and args.time_budget is None:
+        raise PackerError("prune needs --steps N or --time-budget SECONDS (--steps 0: no recovery)")
+    options = PruneOptions(
+        data=args.data,
+        target_speedup=args.target_speedup,
+        method=args.method,
+        exclude_articles=args.exclude_articles.split(",") if args.exclude_articles else None,
+        rows=rows,
+        time_budget=args.time_budget,
+        steps=args.steps,
+        importance_steps=args.importance_steps,
+        teacher=args.teacher,
+        device=args.device,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_length=args.max_length,
+        seed=args.seed,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    report = prune(args.src, args.out, options)
+    recovery = report["recovery"]
+    print(
+        f"wrote {args.out}: {report['method']} kept {report['heads_kept']}/{report['heads_total']} heads and "
+        f"{report['ffn_kept']}/{report['ffn_total']} FFN dims; FLOP ratio {report['flop_ratio']:.2f} "
+        f"(target {report['target_speedup']:g}, encoder FLOPs at {report['flop_ratio_measured_at']})"
+    )
+    for key, what in (("layers_without_heads", "every head"), ("layers_without_ffn", "every FFN dim")):
+        if report[key]:
+            print(f"layers {report[key]} lost {what} (their importance ranked lowest)")
+    if recovery:
+        print(
+            f"recovery: {recovery['steps']} steps in {recovery['seconds']:.0f} s, loss "
+            f"{recovery['first_loss']:.4f} -> {recovery['last_loss']:.4f}"
+        )
+    else:
+        print("no recovery (--steps 0)")
+    print(f"next: prune-pack pack {args.out} PACKED")
     return 0
 
 

@@ -119,7 +119,29 @@ def test_gates_close_the_weakest_and_pack(tmp_path, capsys):
     assert sum(g.count(0) for g in gates["heads"].values()) == 1 and gates["heads"]["1"][2] == 0
     assert gates["ffn"]["2"][:10] == [0] * 10 and sum(g.count(0) for g in gates["ffn"].values()) == 10
     assert main(["pack", "-q", str(src), str(tmp_path / "out"), "--masks", str(masks)]) == 0
-    assert "heads 15/16" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "heads 15/16" in out and "lost every" not in out
+
+
+def test_gates_refuse_to_close_a_whole_layer_and_pack_says_so(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from packer.synth.checkpoints import PrunePlan, build_checkpoint
+
+    src = build_checkpoint(tmp_path / "src", plan=PrunePlan(), seed=12)
+    state = load_file(str(src / "model.safetensors"))
+    state["bert.encoder.layer.0.attention.output.dense.weight"] *= 1e-3  # layer 0's heads all weakest
+    save_file(state, str(src / "model.safetensors"))
+    masks = tmp_path / "masks.json"
+    assert main(["gates", "-q", str(src), str(masks), "--heads", "0.25", "--ffn", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "layer 0 would lose every head" in err and "--allow-empty-layers" in err
+    assert not masks.exists()
+    argv = ["gates", "-q", str(src), str(masks), "--heads", "0.25", "--ffn", "0.1", "--allow-empty-layers"]
+    assert main(argv) == 0
+    assert "warning: layer 0 would lose every head" in capsys.readouterr().err
+    assert main(["pack", "-q", str(src), str(tmp_path / "out"), "--masks", str(masks)]) == 0
+    assert "warning: layer(s) 0 lost every attention head" in capsys.readouterr().out
 
 
 # -- packer hygiene --------------------------------------------------------------------------------

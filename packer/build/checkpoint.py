@@ -8,7 +8,6 @@ cannot express resized layers) and normalized to a full-size, fp32 HF layout: ol
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field

@@ -12,9 +12,8 @@ import torch
 from packer.build.checkpoint import Source
 
 
-def magnitude_gates(source: Source, heads_fraction: float, ffn_fraction: float) -> dict:
-    if not (0 <= heads_fraction < 1 and 0 <= ffn_fraction < 1):
-        raise ValueError("fractions must be in [0, 1)")
+def magnitude_scores(source: Source) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer: each head's and each FFN dim's weight-magnitude score."""
     spec, state, d = source.spec, source.state_dict, source.head_dim
     head_scores, ffn_scores = [], []
     for i in range(source.num_layers):
@@ -24,6 +23,13 @@ def magnitude_gates(source: Source, heads_fraction: float, ffn_fraction: float) 
         w1 = state[spec.layer(i, "ffn_in") + ".weight"]
         w2 = state[spec.layer(i, "ffn_out") + ".weight"]
         ffn_scores.append(w1.norm(dim=1) * w2.norm(dim=0))
+    return head_scores, ffn_scores
+
+
+def magnitude_gates(source: Source, heads_fraction: float, ffn_fraction: float) -> dict:
+    if not (0 <= heads_fraction < 1 and 0 <= ffn_fraction < 1):
+        raise ValueError("fractions must be in [0, 1)")
+    head_scores, ffn_scores = magnitude_scores(source)
     masks: dict = {"heads": {}, "ffn": {}}
     for section, scores, fraction in (
         ("heads", head_scores, heads_fraction),

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from packer.artifact import QA
-from packer.errors import ArtifactError, PackerError
-from packer.artifact import PackedConfig
+from packer.artifact import QA, PackedConfig
+from packer.errors import PackerError
 from packer.runtime.modeling import PackedModel
 
 log = logging.getLogger(__name__)

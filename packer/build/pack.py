@@ -13,8 +13,6 @@ from pathlib import Path
 import torch
 
 from packer import __version__
-from packer.runtime import sparse
-from packer.runtime.loading import build_model
 from packer.artifact import (
     TOKENIZER,
     VARIANT_FILES,
@@ -25,16 +23,18 @@ from packer.artifact import (
     remove_leftovers,
     write_manifest,
 )
-from packer.build.interop import copy_code, transformers_config
 from packer.build.checkpoint import Source, has_tokenizer, read_source
-from packer.errors import CheckpointError, VerificationError
+from packer.build.interop import copy_code, transformers_config
 from packer.build.masks import Masks, apply_masks, read_masks
-from packer.runtime.modeling import count_parameters
 from packer.build.resize import packed_config, resize
 from packer.build.structure import LayerStructure, analyze, summarize
 from packer.build.textdata import encode, read_examples
 from packer.build.variants import VariantOptions, build_variants
 from packer.build.verify import check_equivalence, random_batches, reference_model, text_batches
+from packer.errors import CheckpointError, VerificationError
+from packer.runtime import sparse
+from packer.runtime.loading import build_model
+from packer.runtime.modeling import count_parameters
 
 log = logging.getLogger(__name__)
 

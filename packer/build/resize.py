@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers.activations import ACT2FN
 
-from packer.build.checkpoint import Source
 from packer.artifact import PackedConfig
+from packer.build.checkpoint import Source
 from packer.build.structure import LayerStructure
 
 

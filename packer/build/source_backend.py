@@ -46,5 +46,8 @@ class SourceBackend:
             kwargs["token_type_ids"] = torch.from_numpy(token_type_ids).to(self.device)
         out = self.model(**kwargs)
         if getattr(out, "start_logits", None) is not None:
-            return {"start_logits": out.start_logits.float().cpu().numpy(), "end_logits": out.end_logits.float().cpu().numpy()}
+            return {
+                "start_logits": out.start_logits.float().cpu().numpy(),
+                "end_logits": out.end_logits.float().cpu().numpy(),
+            }
         return {"logits": out.logits.float().cpu().numpy()}

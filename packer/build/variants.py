@@ -11,8 +11,6 @@ import numpy as np
 import torch
 
 from packer.artifact import VARIANT_FILES, Variant
-from packer.errors import PackerError, VerificationError
-from packer.runtime.modeling import PackedModel
 from packer.build.onnx_export import (
     export,
     feeds,
@@ -21,8 +19,10 @@ from packer.build.onnx_export import (
     quantize_int8_dynamic,
     quantize_int8_static,
 )
-from packer.runtime.ort_session import session
 from packer.build.verify import agreement, logits
+from packer.errors import PackerError, VerificationError
+from packer.runtime.modeling import PackedModel
+from packer.runtime.ort_session import session
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,23 @@ class Row:
     examples: int
     params: int
     size_bytes: int
+    has_ans: float | None = None  # F1 on answerable questions (squad2)
+    no_ans: float | None = None  # accuracy on unanswerable ones (squad2)
+    artifact: str = "source"
+    variant: str = "source"
 
     def ms_per_example(self) -> float:
         return 1000 * self.seconds / self.examples
+
+    def collapsed(self, source: Row) -> bool:
+        """HasAns F1 fell below half the source's: a model answering "no answer" to everything scores
+        SQuAD v2's NoAns share in F1 (about half) and can look fine, even best, on F1 alone."""
+        return (
+            self.has_ans is not None
+            and source.has_ans is not None
+            and source.has_ans >= 10
+            and self.has_ans < 0.5 * source.has_ans
+        )
 
 
 def _eval(task: str, data: str, target: list[str], common: list[str]) -> dict:
@@ -67,35 +81,77 @@ def _eval(task: str, data: str, target: list[str], common: list[str]) -> dict:
         os.unlink(out)
 
 
-def _row(name: str, result: dict, task: str, params: int, size: int) -> Row:
+def _row(
+    name: str,
+    result: dict,
+    task: str,
+    params: int,
+    size: int,
+    artifact: str = "source",
+    variant: str = "source",
+) -> Row:
     m = result["metrics"]
     accuracy = m["accuracy"] if task == "sst2" else m["f1"]
     exact = {"squad2": m.get("exact"), "squad1": m.get("exact_match")}.get(task)
     best = m.get("best_f1") if task == "squad2" else None
     return Row(
-        name, result["backend"], accuracy, exact, best, result["seconds"], result["questions"], params, size
+        name,
+        result["backend"],
+        accuracy,
+        exact,
+        best,
+        result["seconds"],
+        result["questions"],
+        params,
+        size,
+        has_ans=m.get("HasAns_f1") if task == "squad2" else None,
+        no_ans=m.get("NoAns_f1") if task == "squad2" else None,
+        artifact=artifact,
+        variant=variant,
     )
+
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return ""
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
 def render_markdown(rows: list[Row], task: str, settings: str) -> str:
     source = rows[0]
     metric = "accuracy" if task == "sst2" else "F1"
     lines = [
-        f"| model | backend | {metric} | Δ {metric} | EM | best F1 | Δ best F1 | ms / example | speedup "
-        "| params | size (MB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| model | backend | {metric} | Δ {metric} | EM | best F1 | Δ best F1 | HasAns F1 | NoAns | "
+        "ms / example | speedup | params | size (MB) | check |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    collapsed = [r for r in rows[1:] if r.collapsed(source)]
     for r in rows:
+        best_delta = None if r.best is None or source.best is None else r.best - source.best
         lines.append(
             f"| {r.name} | {r.backend} | {r.accuracy:.2f} | {r.accuracy - source.accuracy:+.2f} | "
-            f"{'' if r.exact is None else f'{r.exact:.2f}'} | {'' if r.best is None else f'{r.best:.2f}'} | "
-            f"{'' if r.best is None else f'{r.best - source.best:+.2f}'} | {r.ms_per_example():.1f} | "
-            f"{source.seconds / r.seconds:.2f}x | {r.params / 1e6:.1f}M | {r.size_bytes / 1e6:.0f} |"
+            f"{_fmt(r.exact)} | {_fmt(r.best)} | {_fmt(best_delta, signed=True)} | {_fmt(r.has_ans)} | "
+            f"{_fmt(r.no_ans)} | {r.ms_per_example():.1f} | {source.seconds / r.seconds:.2f}x | "
+            f"{r.params / 1e6:.1f}M | {r.size_bytes / 1e6:.0f} | "
+            f"{'**HasAns collapsed**' if r in collapsed else ''} |"
         )
-    return "\n".join(lines) + "\n\n" + settings + "\n"
+    notes = ""
+    if collapsed:
+        notes = (
+            "\n**Warning:** HasAns F1 collapsed (below half the source's) for "
+            + ", ".join(r.name for r in collapsed)
+            + ': these models mostly answer "no answer"; their F1 reflects the data\'s share of '
+            "unanswerable questions, not reading. Do not ship them on F1 alone.\n"
+        )
+    return "\n".join(lines) + "\n" + notes + "\n" + settings + "\n"
 
 
-def render_chart(rows: list[Row], task: str, file: Path, settings: str) -> Path:
+MARKERS = {"source": "*", "torch": "o", "onnx": "s", "onnx-int8": "^", "onnx-fp16": "D"}
+
+
+def render_chart(rows: list[Row], task: str, file: Path, settings: str, title: str = "") -> Path:
+    """Accuracy change against latency: the source is the reference (its point and a line at 0);
+    colour per artifact, marker per variant, every point labelled; collapsed models drawn with a red ring."""
     import textwrap
 
     import matplotlib
@@ -104,20 +160,30 @@ def render_chart(rows: list[Row], task: str, file: Path, settings: str) -> Path:
     import matplotlib.pyplot as plt
 
     source = rows[0]
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    metric = {"squad2": "F1", "squad1": "F1"}.get(task, "accuracy")
+    artifacts = list(dict.fromkeys(r.artifact for r in rows))
+    colours = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(artifacts)}
+    fig, ax = plt.subplots(figsize=(10, 6.2))
+    ax.axhline(0, color="grey", linewidth=1, linestyle="--", label=f"source {metric} ({source.accuracy:.2f})")
     for r in rows:
-        speedup = source.seconds / r.seconds
-        label = f"{r.name} ({r.backend}, {r.params / 1e6:.1f}M params)"
-        points = ax.scatter(speedup, r.accuracy, s=60, alpha=0.85, label=label)
-        if r.best is not None:  # best F1 over no-answer thresholds, hollow, same colour
-            ax.scatter(speedup, r.best, s=60, facecolors="none", edgecolors=points.get_facecolor())
-    ax.set_xlabel("speedup vs source (same machine, same data, tokenization included)")
-    ax.set_ylabel({"squad2": "F1 (filled) and best F1 (hollow)", "squad1": "F1"}.get(task, "accuracy (%)"))
-    ax.set_title("accuracy vs speed", fontsize=10)
+        x, y = r.ms_per_example(), r.accuracy - source.accuracy
+        marker = MARKERS.get(r.variant, "o")
+        ax.scatter(x, y, s=110 if r is source else 70, marker=marker, color=colours[r.artifact], zorder=3)
+        if r.collapsed(source):
+            ax.scatter(x, y, s=260, facecolors="none", edgecolors="red", linewidths=1.5, zorder=2)
+        label = r.name + (" (HasAns collapsed)" if r.collapsed(source) else "")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
+    for variant, marker in MARKERS.items():
+        if any(r.variant == variant for r in rows):
+            ax.scatter([], [], marker=marker, color="black", label=variant)
+    ax.set_xlabel("latency, ms per example (same machine, same data, tokenization included)")
+    ax.set_ylabel(f"Δ {metric} vs source (points)")
+    ax.set_title(title or f"Δ {metric} against latency", fontsize=10)
+    ax.margins(x=0.18, y=0.15)  # room for the labels
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.text(0.01, 0.01, "\n".join(textwrap.wrap(settings, 170)), fontsize=6, va="bottom")
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    ax.legend(fontsize=8, loc="best", title="marker: variant; colour: artifact", title_fontsize=8)
+    fig.text(0.01, 0.01, "\n".join(textwrap.wrap(settings, 150)), fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(file, dpi=120)
     plt.close(fig)
     return file
@@ -185,8 +251,9 @@ def build_report(
                 continue  # dynamic int8 does not run on ONNX Runtime's CUDA provider
             result = _eval(task, data, ["--artifact", artifact, "--variant", variant], common)
             size = (Path(artifact) / VARIANT_FILES[variant]).stat().st_size
+            name = Path(artifact).name
             table_rows.append(
-                _row(f"{Path(artifact).name} {variant}", result, task, manifest["params"]["after"], size)
+                _row(f"{name} {variant}", result, task, manifest["params"]["after"], size, name, str(variant))
             )
     settings = (
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
@@ -201,6 +268,16 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     table = out / "report.md"
     table.write_text(render_markdown(table_rows, task, settings))
-    chart = render_chart(table_rows, task, out / "report.png", settings)
+    for row in table_rows[1:]:
+        if row.collapsed(table_rows[0]):
+            log.warning(
+                "%s: HasAns F1 %.2f collapsed (source %.2f)", row.name, row.has_ans, table_rows[0].has_ans
+            )
+    title = (
+        f"{Path(source).name} and its artifacts on {Path(data).name}"
+        + (f" ({articles.count(',') + 1} articles)" if articles else "")
+        + f", n={table_rows[0].examples}"
+    )
+    chart = render_chart(table_rows, task, out / "report.png", settings, title)
     (out / "report.json").write_text(json.dumps([r.__dict__ for r in table_rows], indent=2) + "\n")
     return table, chart

@@ -16,7 +16,15 @@ from packer.build.checkpoint import read_source
 from packer.build.pack import PackOptions, pack
 from packer.build.structure import analyze
 from packer.synth.checkpoints import PrunePlan, build_checkpoint
-from tests.conftest import EXPECTED_FFN, EXPECTED_HEADS, HEAD_DIM, MORE_ARCHS, hf_model, max_diff, sample_inputs
+from tests.conftest import (
+    EXPECTED_FFN,
+    EXPECTED_HEADS,
+    HEAD_DIM,
+    MORE_ARCHS,
+    hf_model,
+    max_diff,
+    sample_inputs,
+)
 
 CASES = [(arch, task) for arch in MORE_ARCHS for task in (QA, CLASSIFICATION)]
 

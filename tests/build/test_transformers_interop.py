@@ -27,7 +27,8 @@ def batches_for(loaded):
 
 
 @pytest.mark.parametrize(
-    ("arch", "task"), [("bert", QA), ("roberta", CLASSIFICATION), ("electra", CLASSIFICATION), ("distilbert", QA)]
+    ("arch", "task"),
+    [("bert", QA), ("roberta", CLASSIFICATION), ("electra", CLASSIFICATION), ("distilbert", QA)],
 )
 def test_trust_remote_code_gives_the_packed_logits(request, arch_artifact, arch, task):
     if arch == "bert":
@@ -37,7 +38,9 @@ def test_trust_remote_code_gives_the_packed_logits(request, arch_artifact, arch,
     else:
         src, out = arch_artifact(arch, task)[:2]
     model = auto_class(task).from_pretrained(out, trust_remote_code=True).eval()
-    assert type(model).__name__ == ("PruneServeForQuestionAnswering" if task == QA else "PruneServeForSequenceClassification")
+    assert type(model).__name__ == (
+        "PruneServeForQuestionAnswering" if task == QA else "PruneServeForSequenceClassification"
+    )
     loaded = packer.load(out)
     batches = batches_for(loaded)
     assert max_diff(model, loaded.model, batches) == 0.0

@@ -210,6 +210,53 @@ def test_report_table_and_chart(bert_qa_src, bert_onnx, tmp_path, capsys):
     assert data_rows[1]["params"] < data_rows[0]["params"]
 
 
+def test_report_flags_a_collapsed_model_that_f1_ranks_best(tmp_path):
+    """The issue's case: a pruned model answering "no answer" everywhere gains F1 on a set that is half
+    unanswerable; the table and chart must say its HasAns F1 collapsed."""
+    from packer.evaluate.report import Row, render_chart, render_markdown
+
+    source = Row(
+        "source", "transformers-cpu-fp32", 45.65, 42.6, 50.3, 10.0, 100, 22_000_000, 90_000_000, 50.1, 41.5
+    )
+    healthy = Row(
+        "pruned torch",
+        "torch-cpu-fp32",
+        44.9,
+        41.0,
+        49.1,
+        6.0,
+        100,
+        15_000_000,
+        60_000_000,
+        47.8,
+        42.3,
+        "pruned",
+        "torch",
+    )
+    broken = Row(
+        "gated onnx-int8",
+        "ort-cpu-int8",
+        47.3,
+        47.3,
+        47.3,
+        3.0,
+        100,
+        11_000_000,
+        12_000_000,
+        0.0,
+        100.0,
+        "gated",
+        "onnx-int8",
+    )
+    table = render_markdown([source, healthy, broken], "squad2", "settings")
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert "HasAns collapsed" in lines["gated onnx-int8"] and "HasAns collapsed" not in lines["pruned torch"]
+    assert "| 0.00 | 100.00 |" in lines["gated onnx-int8"]  # HasAns F1 and NoAns shown beside F1
+    assert "**Warning:** HasAns F1 collapsed" in table and "gated onnx-int8" in table.split("**Warning:**")[1]
+    chart = render_chart([source, healthy, broken], "squad2", tmp_path / "r.png", "settings", "title")
+    assert chart.read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.skipif(
     not (SHARED_DATA / "models" / "minilm-l6-sst2").is_dir(), reason="real SST-2 model absent"
 )
