@@ -174,6 +174,21 @@ def hf_model(src: Path):
     return auto.from_pretrained(src, attn_implementation="eager").eval()
 
 
+def gate_hooks(model, masks: dict, head_dim: int, arch: str = "bert") -> None:
+    """McCarley semantics in transformers' own model, independently of the packer: scale head outputs
+    and FFN activations, found by module name."""
+    from packer.build.arch import spec_for
+
+    spec = spec_for(arch)
+    for section, part in (("heads", "attn_out"), ("ffn", "ffn_out")):
+        for idx, gates in masks.get(section, {}).items():
+            scale = torch.tensor(gates, dtype=torch.float32)
+            if section == "heads":
+                scale = scale.repeat_interleave(head_dim)
+            module = model.get_submodule(spec.layer(int(idx), part))
+            module.register_forward_pre_hook(lambda m, args, s=scale: (args[0] * s,))
+
+
 def outputs(model, inputs) -> list[torch.Tensor]:
     with torch.inference_mode():
         out = model(**inputs)

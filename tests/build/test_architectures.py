@@ -1,5 +1,6 @@
 """DistilBERT, ELECTRA (with its embedding projection), XLM-RoBERTa and CamemBERT: each packed from a tiny
-random checkpoint pruned every way the BERT fixtures are, and checked against transformers' own class."""
+random checkpoint pruned every way the BERT fixtures are, and checked against transformers' own class;
+masks files and old `pruned_heads` checkpoints for every architecture, BERT included."""
 
 from __future__ import annotations
 
@@ -21,10 +22,16 @@ from tests.conftest import (
     EXPECTED_HEADS,
     HEAD_DIM,
     MORE_ARCHS,
+    gate_hooks,
     hf_model,
     max_diff,
     sample_inputs,
 )
+
+
+def manifest_of(artifact) -> dict:
+    return json.loads((artifact / "pack.json").read_text())
+
 
 CASES = [(arch, task) for arch in MORE_ARCHS for task in (QA, CLASSIFICATION)]
 
@@ -87,28 +94,20 @@ def test_electra_keeps_its_embedding_projection(arch_artifact):
     assert state["embeddings.projection.weight"].shape == (32, 16)
 
 
-def gate_hooks(model, arch: str, masks: dict):
-    """Scale head outputs and FFN activations in transformers' model, by module name (McCarley gates)."""
-    spec = spec_for(arch)
-    for section, part in (("heads", "attn_out"), ("ffn", "ffn_out")):
-        for idx, gates in masks.get(section, {}).items():
-            scale = torch.tensor(gates, dtype=torch.float32)
-            if section == "heads":
-                scale = scale.repeat_interleave(HEAD_DIM)
-            module = model.get_submodule(spec.layer(int(idx), part))
-            module.register_forward_pre_hook(lambda m, args, s=scale: (args[0] * s,))
-
-
-@pytest.mark.parametrize("arch", MORE_ARCHS)
+@pytest.mark.parametrize("arch", ("bert", *MORE_ARCHS))
 def test_masks_file_and_old_pruned_heads(arch, tmp_path):
     dense = build_checkpoint(tmp_path / "dense", arch=arch, task=QA, plan=PrunePlan(), seed=8)
-    masks = {"heads": {"0": [1, 0, 1, 1], "2": [0, 0, 0, 0]}, "ffn": {"1": [0] * 20 + [1] * 44}}
+    masks = {
+        "heads": {"0": [1, 0, 1, 1], "2": [0, 0, 0, 0]},
+        "ffn": {"1": [0] * 20 + [1] * 44, "3": [0] * 64},
+    }
     (tmp_path / "masks.json").write_text(json.dumps(masks))
     pack(str(dense), tmp_path / "gated", PackOptions(masks=str(tmp_path / "masks.json"), progress=False))
     gated = packer.load(tmp_path / "gated")
-    assert gated.config.num_heads == [3, 4, 0, 4] and gated.config.intermediate_sizes == [64, 44, 64, 64]
+    assert manifest_of(tmp_path / "gated")["source"]["masks"]["heads_off"] == 5
+    assert gated.config.num_heads == [3, 4, 0, 4] and gated.config.intermediate_sizes == [64, 44, 64, 0]
     reference = hf_model(dense)
-    gate_hooks(reference, arch, masks)
+    gate_hooks(reference, masks, HEAD_DIM, arch)
     assert max_diff(reference, gated.model, batches_for(gated)) < 1e-5
 
     # An old checkpoint made with prune_heads: smaller q/k/v/out, pruned_heads in its config.

@@ -8,7 +8,6 @@ from safetensors.torch import load_file, save_file
 import packer
 from packer.artifact import sha256_file
 from packer.build.pack import PackOptions, pack
-from packer.synth.checkpoints import PrunePlan, build_checkpoint
 from tests.conftest import EXPECTED_FFN, EXPECTED_HEADS, expected_params, hf_model, max_diff, sample_inputs
 
 
@@ -78,76 +77,6 @@ def test_manifest_records_provenance_and_proof(bert_qa_src, bert_qa_packed):
     config = json.loads((bert_qa_packed / "config.json").read_text())
     assert config["prune_serve"]["num_heads"] == EXPECTED_HEADS
     assert config["prune_serve"]["intermediate_sizes"] == EXPECTED_FFN
-
-
-def gate_hooks(model, masks: dict, head_dim: int):
-    """McCarley semantics, independently of the packer: scale head outputs and FFN activations."""
-    layers = model.base_model.encoder.layer
-    handles = []
-    for section, module_of in (
-        ("heads", lambda layer: layer.attention.output.dense),
-        ("ffn", lambda layer: layer.output.dense),
-    ):
-        for idx, gates in masks.get(section, {}).items():
-            scale = torch.tensor(gates, dtype=torch.float32)
-            if section == "heads":
-                scale = scale.repeat_interleave(head_dim)
-            handles.append(
-                module_of(layers[int(idx)]).register_forward_pre_hook(lambda m, args, s=scale: (args[0] * s,))
-            )
-    return handles
-
-
-def test_gated_checkpoint(tmp_path):
-    src = build_checkpoint(tmp_path / "src", plan=PrunePlan(), seed=5)  # dense: gates do all the pruning
-    masks = {
-        "heads": {"0": [1, 0, 1, 1], "2": [0, 0, 0, 0]},
-        "ffn": {"1": [0] * 20 + [1] * 44, "3": [0] * 64},
-    }
-    (tmp_path / "masks.json").write_text(json.dumps(masks))
-    out = tmp_path / "out"
-    manifest = pack(str(src), out, PackOptions(masks=str(tmp_path / "masks.json"), progress=False))
-    assert manifest["source"]["masks"]["heads_off"] == 5
-    assert manifest["source"]["masks"]["ffn_dims_off"] == 84
-    loaded = packer.load(out)
-    assert loaded.config.num_heads == [3, 4, 0, 4]
-    assert loaded.config.intermediate_sizes == [64, 44, 64, 0]
-    reference = hf_model(src)
-    gate_hooks(reference, masks, head_dim=8)
-    batches = sample_inputs(loaded.tokenizer, loaded.config.task, loaded.config.vocab_size, 0)
-    assert max_diff(reference, loaded.model, batches) < 1e-5
-
-
-def test_config_pruned_heads_checkpoint(tmp_path):
-    """An old HF checkpoint pruned with prune_heads: smaller q/k/v, pruned_heads in its config."""
-    full = build_checkpoint(tmp_path / "full", plan=PrunePlan(heads={1: [0, 3], 2: [1]}), seed=6)
-    old = tmp_path / "old"
-    old.mkdir()
-    for f in full.iterdir():
-        if f.name != "model.safetensors":
-            (old / f.name).write_bytes(f.read_bytes())
-    state = load_file(str(full / "model.safetensors"))
-    pruned = {1: [0, 3], 2: [1]}
-    for layer, heads in pruned.items():
-        keep = torch.tensor([h * 8 + j for h in range(4) if h not in heads for j in range(8)])
-        for part in ("query", "key", "value"):
-            for suffix in ("weight", "bias"):
-                key = f"bert.encoder.layer.{layer}.attention.self.{part}.{suffix}"
-                state[key] = state[key][keep].contiguous()
-        key = f"bert.encoder.layer.{layer}.attention.output.dense.weight"
-        state[key] = state[key][:, keep].contiguous()
-    save_file(state, str(old / "model.safetensors"))
-    config = json.loads((full / "config.json").read_text())
-    config["pruned_heads"] = {str(k): v for k, v in pruned.items()}
-    (old / "config.json").write_text(json.dumps(config))
-
-    manifest = pack(str(old), tmp_path / "out", PackOptions(progress=False))
-    assert manifest["source"]["expanded_pruned_heads"] == {"1": [0, 3], "2": [1]}
-    loaded = packer.load(tmp_path / "out")
-    assert loaded.config.num_heads == [4, 2, 3, 4]
-    batches = sample_inputs(loaded.tokenizer, loaded.config.task, loaded.config.vocab_size, 0)
-    # The full model with those heads zeroed computes what the pruned one did.
-    assert max_diff(hf_model(full), loaded.model, batches) < 1e-5
 
 
 def test_a_wrong_fold_fails_verification_and_writes_nothing(bert_qa_src, tmp_path, monkeypatch):

@@ -8,8 +8,7 @@ import torch
 
 import packer
 from packer.build.pack import PackOptions, pack
-from tests.build.test_pack import gate_hooks
-from tests.conftest import SHARED_DATA, hf_model, max_diff, token_batch
+from tests.conftest import SHARED_DATA, gate_hooks, hf_model, max_diff, token_batch
 
 QA_MODEL = SHARED_DATA / "models" / "minilm-l6-squad2"
 SST_MODEL = SHARED_DATA / "models" / "minilm-l6-sst2"
