@@ -146,17 +146,21 @@ def read_training_data(
     return data
 
 
-def batches(features: list[dict], batch_size: int, pad_id: int, seed: int):
-    """Endless shuffled batches, each padded to its longest feature."""
+def batches(features: list[dict], batch_size: int, pad_id: int, seed: int, pool: int = 50):
+    """Endless shuffled batches, each padded to its longest feature. Batches are cut from pools of
+    `pool` batches sorted by length, so little compute goes to padding; their order is shuffled."""
     rng = random.Random(seed)
     order: list[int] = []
     while True:
-        if len(order) < batch_size:
-            more = list(range(len(features)))
-            rng.shuffle(more)
-            order += more
-        chosen, order = order[:batch_size], order[batch_size:]
-        yield collate([features[i] for i in chosen], pad_id)
+        if not order:
+            order = list(range(len(features)))
+            rng.shuffle(order)
+        chunk, order = order[: batch_size * pool], order[batch_size * pool :]
+        chunk.sort(key=lambda i: len(features[i]["input_ids"]))
+        cut = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        rng.shuffle(cut)
+        for chosen in cut:
+            yield collate([features[i] for i in chosen], pad_id)
 
 
 def collate(chosen: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ same structure the selection chose.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -93,7 +94,7 @@ def recover(
     )
     start = time.perf_counter()
     losses: list[float] = []
-    bar = progress(range(steps or 10**9), "recovery")
+    bar = progress(range(steps) if steps else itertools.count(), "recovery")  # a budget: no total
     for step in bar:
         elapsed = time.perf_counter() - start
         done = max(step / steps if steps else 0.0, elapsed / time_budget if time_budget else 0.0)

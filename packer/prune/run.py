@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +69,11 @@ def pick_device(requested: str) -> str:
 def progress_bar(enabled: bool):
     from tqdm.auto import tqdm
 
+    # A log file (not a terminal) gets a line every 30 s rather than every step.
+    interval = 0.1 if sys.stderr.isatty() else 30.0
+
     def wrap(iterable, desc):
-        return tqdm(iterable, desc=desc, unit="step", disable=not enabled, leave=False, total=None)
+        return tqdm(iterable, desc=desc, unit="step", disable=not enabled, leave=False, mininterval=interval)
 
     return wrap
 

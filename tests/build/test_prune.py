@@ -153,3 +153,20 @@ def test_cli_mistakes_exit_2_with_a_message(planted, tmp_path, capsys):
     assert "Nowhere" in capsys.readouterr().err
     assert main([*argv, "--steps", "0", "--target-speedup", "0.5"]) == 2
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_classification_from_tsv_rows_prunes_recovers_and_packs(tmp_path):
+    """A RoBERTa classifier trained on TSV rows 1-20 only (rows 21+ held out), gain + 4 recovery steps."""
+    from packer.runtime.samples import SENTENCES
+
+    src = build_checkpoint(tmp_path / "cls", arch="roberta", task="classification", plan=PrunePlan(), seed=4)
+    rows = [f"{SENTENCES[i % len(SENTENCES)]}\t{i % 2}" for i in range(30)]
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    report = prune(
+        str(src), tmp_path / "out", options(data, method="gain", steps=4, rows=range(1, 21), importance_steps=3)
+    )
+    assert report["data"]["examples"] == 20 and report["task"] == "text-classification"
+    assert report["recovery"]["steps"] == 4 and report["flop_ratio"] >= 2.0
+    manifest = pack(str(tmp_path / "out"), tmp_path / "packed", PackOptions(progress=False))
+    assert manifest["equivalence"]["passed"] is True
