@@ -313,7 +313,7 @@ def cmd_gates(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from packer.prune.run import PruneOptions, prune
+    from packer.build.prune.run import PruneOptions, prune
 
     rows = None
     if args.rows:

@@ -15,12 +15,12 @@ from packer.build.checkpoint import read_source
 from packer.build.pack import PackOptions, pack
 from packer.build.verify import reference_model
 from packer.cli import main
-from packer.prune.data import batches, read_training_data
-from packer.prune.gates import Cost
-from packer.prune.losses import distill_loss, outputs_of
-from packer.prune.recover import pruned_slices, recover
-from packer.prune.run import PruneOptions, prune
-from packer.prune.select import Structure
+from packer.build.prune.data import batches, read_training_data
+from packer.build.prune.gates import Cost
+from packer.build.prune.losses import distill_loss, outputs_of
+from packer.build.prune.recover import pruned_slices, recover
+from packer.build.prune.run import PruneOptions, prune
+from packer.build.prune.select import Structure
 from packer.synth.checkpoints import PrunePlan, build_checkpoint
 from tests.conftest import HEAD_DIM
 from tests.evaluate.test_evaluate import squad_file
@@ -123,7 +123,7 @@ def test_short_recovery_lowers_the_distillation_loss(planted):
             s = outputs_of(student.eval()(**inputs), source.task, fixed["attention_mask"])
         return float(distill_loss(s, t, 2.0))
 
-    from packer.prune.recover import apply_zeros
+    from packer.build.prune.recover import apply_zeros
 
     apply_zeros(slices)
     before = kd()

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from packer.prune.gates import Cost, GateHooks, HardConcrete
-from packer.prune.losses import distill_loss, outputs_of, task_loss
+from packer.build.prune.gates import Cost, GateHooks, HardConcrete
+from packer.build.prune.losses import distill_loss, outputs_of, task_loss
 
 
 @dataclass

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from packer.build.arch import ArchSpec
-from packer.prune.importance import model_inputs
-from packer.prune.losses import distill_loss, outputs_of, task_loss
-from packer.prune.select import Structure
+from packer.build.prune.importance import model_inputs
+from packer.build.prune.losses import distill_loss, outputs_of, task_loss
+from packer.build.prune.select import Structure
 
 
 @dataclass

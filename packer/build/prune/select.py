@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from packer.prune.gates import Cost
+from packer.build.prune.gates import Cost
 
 
 @dataclass
