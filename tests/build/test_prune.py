@@ -13,14 +13,14 @@ import packer
 from packer.build.arch import spec_for
 from packer.build.checkpoint import read_source
 from packer.build.pack import PackOptions, pack
-from packer.build.verify import reference_model
-from packer.cli import main
 from packer.build.prune.data import batches, read_training_data
 from packer.build.prune.gates import Cost
 from packer.build.prune.losses import distill_loss, outputs_of
 from packer.build.prune.recover import pruned_slices, recover
 from packer.build.prune.run import PruneOptions, prune
 from packer.build.prune.select import Structure
+from packer.build.verify import reference_model
+from packer.cli import main
 from packer.synth.checkpoints import PrunePlan, build_checkpoint
 from tests.conftest import HEAD_DIM
 from tests.evaluate.test_evaluate import squad_file
@@ -164,7 +164,9 @@ def test_classification_from_tsv_rows_prunes_recovers_and_packs(tmp_path):
     data = tmp_path / "train.tsv"
     data.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
     report = prune(
-        str(src), tmp_path / "out", options(data, method="gain", steps=4, rows=range(1, 21), importance_steps=3)
+        str(src),
+        tmp_path / "out",
+        options(data, method="gain", steps=4, rows=range(1, 21), importance_steps=3),
     )
     assert report["data"]["examples"] == 20 and report["task"] == "text-classification"
     assert report["recovery"]["steps"] == 4 and report["flop_ratio"] >= 2.0

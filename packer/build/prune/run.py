@@ -22,13 +22,13 @@ from packer import __version__
 from packer.artifact.writing import atomic_directory
 from packer.build.checkpoint import read_source
 from packer.build.gates import magnitude_scores
-from packer.build.verify import reference_model
-from packer.errors import PackerError
 from packer.build.prune import importance as imp
 from packer.build.prune.data import batches, read_training_data
 from packer.build.prune.gates import Cost, GateHooks
 from packer.build.prune.recover import apply_zeros, pruned_slices, recover
 from packer.build.prune.select import choose
+from packer.build.verify import reference_model
+from packer.errors import PackerError
 
 log = logging.getLogger(__name__)
 METHODS = ("l0", "gain", "magnitude")
