@@ -314,14 +314,8 @@ def cmd_gates(args) -> int:
 
 def cmd_prune(args) -> int:
     from packer.build.prune.run import PruneOptions, prune
+    from packer.evaluate.run import parse_rows
 
-    rows = None
-    if args.rows:
-        try:
-            first, last = (int(x) for x in args.rows.split("-"))
-        except ValueError:
-            raise PackerError(f"--rows {args.rows!r} is not FIRST-LAST, e.g. 1-600") from None
-        rows = range(first, last + 1)
     if args.steps is None and args.time_budget is None:
         raise PackerError("prune needs --steps N or --time-budget SECONDS (--steps 0: no recovery)")
     options = PruneOptions(
@@ -329,7 +323,7 @@ def cmd_prune(args) -> int:
         target_speedup=args.target_speedup,
         method=args.method,
         exclude_articles=args.exclude_articles.split(",") if args.exclude_articles else None,
-        rows=rows,
+        rows=parse_rows(args.rows),
         time_budget=args.time_budget,
         steps=args.steps,
         importance_steps=args.importance_steps,

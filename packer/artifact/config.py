@@ -9,6 +9,9 @@ from pathlib import Path
 from packer.artifact.layout import CONFIG
 from packer.errors import ArtifactError
 
+# How positions are numbered: 0..n-1, or (RoBERTa family) from pad+1 with padding at pad.
+ABSOLUTE, AFTER_PADDING = "absolute", "after-padding"
+
 
 @dataclass
 class PackedConfig:
@@ -27,12 +30,12 @@ class PackedConfig:
     id2label: dict[int, str] = field(default_factory=dict)
     # Fields added with more architectures; artifacts packed before them read the BERT/RoBERTa values.
     embedding_size: int = 0  # 0: hidden_size; else ELECTRA-style embeddings projected to hidden_size
-    positions: str = ""  # "absolute" or "after-padding" (RoBERTa family)
+    positions: str = ""  # ABSOLUTE or AFTER_PADDING (RoBERTa family)
     pooler_act: str = "tanh"  # the classification head's dense activation (DistilBERT relu, ELECTRA gelu)
 
     def __post_init__(self):
         if not self.positions:
-            self.positions = "after-padding" if self.arch == "roberta" else "absolute"
+            self.positions = AFTER_PADDING if self.arch == "roberta" else ABSOLUTE
         self.embedding_size = self.embedding_size or self.hidden_size
 
     @property
@@ -58,7 +61,7 @@ class PackedConfig:
     @property
     def max_window(self) -> int:
         """The longest window the position table allows (RoBERTa's positions start after padding)."""
-        offset = self.pad_token_id + 1 if self.positions == "after-padding" else 0
+        offset = self.pad_token_id + 1 if self.positions == AFTER_PADDING else 0
         return self.max_position_embeddings - offset
 
     @property

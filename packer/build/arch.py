@@ -15,6 +15,7 @@ from types import MappingProxyType
 import torch
 
 from packer.artifact import CLASSIFICATION, QA, TASK_ALIASES
+from packer.artifact.config import ABSOLUTE, AFTER_PADDING
 from packer.errors import CheckpointError
 
 BERT_LAYER = MappingProxyType(
@@ -51,8 +52,6 @@ CANONICAL_CONFIG = (
     "pad_token_id",
     "embedding_size",
 )
-# Positions: "absolute" counts 0..n-1; "after-padding" (RoBERTa) counts from pad+1 and gives padding pad.
-ABSOLUTE, AFTER_PADDING = "absolute", "after-padding"
 
 
 @dataclass(frozen=True)

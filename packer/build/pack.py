@@ -221,7 +221,7 @@ def pack(src: str, out: str | Path, options: PackOptions | None = None) -> dict:
     variant_options.validate(calibration)
 
     with atomic_directory(Path(out), force=options.force) as tmp:
-        hf_config = transformers_config(config, source.raw_config or source.config)
+        hf_config = transformers_config(config, source.raw_config)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         copy_code(tmp)
         stored = {k: stored_dtype(v, options.dtype) for k, v in weights.items()}

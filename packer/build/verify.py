@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from packer.artifact import QA
-from packer.build.arch import AFTER_PADDING
+from packer.artifact.config import AFTER_PADDING
 from packer.build.checkpoint import Source
 from packer.errors import CheckpointError
 from packer.runtime.samples import QA_PAIRS, SENTENCES
@@ -40,8 +40,7 @@ def reference_model(source: Source, attn_implementation: str = "eager") -> nn.Mo
     """transformers' model for the source, holding the normalized (masked, expanded) weights."""
     from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
-    raw = source.raw_config or source.config
-    kwargs = {k: v for k, v in raw.items() if k not in ("model_type", "transformers_version")}
+    kwargs = {k: v for k, v in source.raw_config.items() if k not in ("model_type", "transformers_version")}
     kwargs.pop("dtype", None)
     kwargs.pop("torch_dtype", None)
     config = AutoConfig.for_model(source.spec.model_type, **kwargs)

@@ -140,10 +140,10 @@ def predict_squad_http(
 def read_sst2(path: str | Path, rows: tuple[int, int] | None = None, limit: int | None = None):
     """(sentence, label) pairs; `rows` is 1-based and inclusive over the data rows (no header)."""
     with open(path, newline="") as f:
-        data = [
-            (r["sentence"], int(r["label"]))
-            for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        ]
+        table = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not table or not {"sentence", "label"} <= table[0].keys():
+        raise PackerError(f"{path}: a classification TSV needs 'sentence' and 'label' columns")
+    data = [(r["sentence"], int(r["label"])) for r in table]
     if rows:
         data = data[rows[0] - 1 : rows[1]]
     return data[:limit] if limit else data

@@ -20,7 +20,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import QuestionAnsweringModelOutput, SequenceClassifierOutput
 
 QA = "question-answering"  # packer.artifact.QA, spelled out so that this file stands alone
-AFTER_PADDING = "after-padding"
+AFTER_PADDING = "after-padding"  # packer.artifact.config.AFTER_PADDING, likewise
 
 
 class OutputProjection(nn.Module):

@@ -26,10 +26,9 @@ class PruneServeConfig(PretrainedConfig):
 
 
 def packed_shape(config: PruneServeConfig) -> SimpleNamespace:
-    """The `prune_serve` section as the attributes PackedEncoder reads."""
-    section = {"embedding_size": 0, "pooler_act": "tanh", **config.prune_serve}
-    if not section.get("positions"):
-        section["positions"] = "after-padding" if section.get("arch") == "roberta" else "absolute"
+    """The `prune_serve` section as the attributes PackedEncoder reads (complete: only artifacts packed
+    with every field carry this file)."""
+    section = dict(config.prune_serve)
     section["id2label"] = {int(k): v for k, v in (section.get("id2label") or {}).items()}
     return SimpleNamespace(**section)
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from packer.artifact import QA, TASK_ALIASES
-from packer.build.arch import AFTER_PADDING, spec_for
+from packer.artifact.config import AFTER_PADDING
+from packer.build.arch import spec_for
 from packer.build.checkpoint import expected_shapes
 from packer.runtime.samples import QA_PAIRS, SENTENCES
 

@@ -166,7 +166,7 @@ def test_classification_from_tsv_rows_prunes_recovers_and_packs(tmp_path):
     report = prune(
         str(src),
         tmp_path / "out",
-        options(data, method="gain", steps=4, rows=range(1, 21), importance_steps=3),
+        options(data, method="gain", steps=4, rows=(1, 20), importance_steps=3),
     )
     assert report["data"]["examples"] == 20 and report["task"] == "text-classification"
     assert report["recovery"]["steps"] == 4 and report["flop_ratio"] >= 2.0

@@ -7,7 +7,6 @@ not wholly inside it is labelled with the [CLS] position (SQuAD v2's no-answer c
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import torch
 
 from packer.artifact import QA
 from packer.errors import PackerError
+from packer.evaluate.predict import read_sst2
 
 
 @dataclass
@@ -102,27 +102,12 @@ def qa_features(tokenizer, examples: list[dict], max_length: int, stride: int) -
     return features
 
 
-def read_tsv(paths: list[str], rows: range | None) -> list[tuple[str, int]]:
-    examples = []
-    for path in paths:
-        try:
-            with open(path, newline="") as f:
-                table = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-        except FileNotFoundError:
-            raise PackerError(f"{path}: no such data file") from None
-        if not table or not {"sentence", "label"} <= table[0].keys():
-            raise PackerError(f"{path}: a classification TSV needs 'sentence' and 'label' columns")
-        chosen = table if rows is None else [table[i - 1] for i in rows if i - 1 < len(table)]
-        examples += [(r["sentence"], int(r["label"])) for r in chosen]
-    return examples
-
-
 def read_training_data(
     tokenizer,
     task: str,
     paths: list[str],
     exclude_articles: list[str] | None = None,
-    rows: range | None = None,
+    rows: tuple[int, int] | None = None,
     max_length: int = 256,
     stride: int = 128,
 ) -> TrainingData:
@@ -133,7 +118,7 @@ def read_training_data(
         features = qa_features(tokenizer, examples, max_length, stride)
         data = TrainingData(task, features, list(paths), len(examples), excluded, articles)
     else:
-        pairs = read_tsv(paths, rows)
+        pairs = [pair for path in paths for pair in read_sst2(path, rows)]
         enc = tokenizer([s for s, _ in pairs], truncation=True, max_length=max_length)
         features = [
             {k: enc[k][i] for k in enc if k in ("input_ids", "attention_mask", "token_type_ids")}

@@ -60,7 +60,7 @@ def pruned_slices(model: nn.Module, spec: ArchSpec, structure: Structure, head_d
 @torch.no_grad()
 def apply_zeros(slices: list) -> None:
     for param, mask in slices:
-        param.mul_(mask.to(param.device, param.dtype))
+        param.mul_(mask.to(param.device, param.dtype))  # a no-op conversion once recover() prepared them
 
 
 def recover(
@@ -83,6 +83,8 @@ def recover(
         raise ValueError("recovery needs --steps or --time-budget")
     student.to(device).train()
     teacher.to(device).eval()
+    # Masks on the parameters' device and dtype once, not at every step.
+    slices = [(param, mask.to(param.device, param.dtype)) for param, mask in slices]
     apply_zeros(slices)
     optimizer = torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.01

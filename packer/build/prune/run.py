@@ -41,10 +41,10 @@ class PruneOptions:
     target_speedup: float
     method: str = "l0"
     exclude_articles: list[str] | None = None
-    rows: range | None = None  # classification TSV rows (1-based) to train on
+    rows: tuple[int, int] | None = None  # classification TSV rows to train on (1-based, inclusive)
     time_budget: float | None = None  # seconds for importance + recovery
     steps: int | None = None  # recovery steps (0: no recovery)
-    importance_steps: int | None = None  # gain / l0 batches (default: a share of the budget or 200)
+    importance_steps: int | None = None  # gain / l0 batches (default: 64 / 200)
     teacher: str | None = None
     device: str = "auto"
     batch_size: int = 16
@@ -78,16 +78,7 @@ def progress_bar(enabled: bool):
     return wrap
 
 
-def plan_steps(options: PruneOptions) -> tuple[int, int | None, float | None]:
-    """(importance steps, recovery steps, recovery seconds) from --steps / --time-budget."""
-    if options.method == "magnitude":
-        importance_steps = 0
-    elif options.importance_steps is not None:
-        importance_steps = options.importance_steps
-    else:
-        importance_steps = 200 if options.method == "l0" else 64
-    budget = options.time_budget
-    return importance_steps, options.steps, budget
+DEFAULT_IMPORTANCE_STEPS = {"l0": 200, "gain": 64}
 
 
 def prune(src: str, out: str | Path, options: PruneOptions) -> dict:
@@ -120,7 +111,10 @@ def prune(src: str, out: str | Path, options: PruneOptions) -> dict:
     cost = Cost(
         source.hidden_size, source.head_dim, source.num_layers, source.num_heads, source.intermediate_size
     )
-    importance_steps, recovery_steps, budget = plan_steps(options)
+    importance_steps = options.importance_steps
+    if importance_steps is None:
+        importance_steps = DEFAULT_IMPORTANCE_STEPS.get(options.method, 0)
+    recovery_steps, budget = options.steps, options.time_budget
 
     if options.method == "magnitude":
         heads, ffn = magnitude_scores(source)
