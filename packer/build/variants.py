@@ -21,6 +21,7 @@ from packer.build.onnx_export import (
 )
 from packer.build.verify import agreement, logits
 from packer.errors import PackerError, VerificationError
+from packer.runtime.backends import engine_sees_cuda
 from packer.runtime.modeling import PackedModel
 from packer.runtime.ort_session import session
 
@@ -51,9 +52,12 @@ def torch_outputs(model: PackedModel, batches: list[dict]) -> list[list[np.ndarr
         return [[t.float().numpy() for t in logits(model(**batch))] for batch in batches]
 
 
-def ort_outputs(path: Path, names: list[str], batches: list[dict]) -> list[list[np.ndarray]]:
-    sess = session(path)
-    return [list(sess.run(None, feed)) for feed in feeds(batches, names)]
+def ort_outputs(
+    path: Path, names: list[str], batches: list[dict], providers: list[str] | None = None
+) -> tuple[list[list[np.ndarray]], list[str]]:
+    """The graph's outputs per batch, and the providers that really ran it (the session says)."""
+    sess = session(path, providers=providers)
+    return [list(sess.run(None, feed)) for feed in feeds(batches, names)], sess.get_providers()
 
 
 def build_variants(
@@ -82,7 +86,7 @@ def build_variants(
             float(np.abs(a - b).max())
             for ref, out in zip(
                 torch_outputs(model, exact_batches + text_batches),
-                ort_outputs(fp32, names, exact_batches + text_batches),
+                ort_outputs(fp32, names, exact_batches + text_batches)[0],
                 strict=True,
             )
             for a, b in zip(ref, out, strict=True)
@@ -108,6 +112,7 @@ def build_variants(
                 quantize_int8_static(fp32, int8, list(feeds(calibration_batches, names)))
             else:
                 quantize_int8_dynamic(fp32, int8, per_channel=options.per_channel)
+            int8_outputs, int8_providers = ort_outputs(int8, names, text_batches)
             variants[Variant.ONNX_INT8] = {
                 "file": int8.name,
                 "dtype": "int8",
@@ -116,27 +121,28 @@ def build_variants(
                 "calibration_examples": sum(b["input_ids"].shape[0] for b in calibration_batches)
                 if options.int8 == "static"
                 else 0,
-                "agreement_with_fp32": agreement(
-                    reference_text, ort_outputs(int8, names, text_batches), masks
-                ).to_dict(),
+                "agreement_with_fp32": agreement(reference_text, int8_outputs, masks).to_dict(),
                 "seconds": round(time.perf_counter() - start, 3),
-                "providers": ["CPUExecutionProvider"],
+                "providers": int8_providers,
             }
         if options.fp16:
             start = time.perf_counter()
             fp16 = directory / VARIANT_FILES[Variant.ONNX_FP16]
             log.info("converting to fp16 ...")
             fusion16 = optimize(raw, fp16, config, for_gpu=True, fp16=True)
+            # Checked on the GPU where ONNX Runtime has one; else on the CPU provider (which computes
+            # fp16 nodes in fp32), and "providers" says so: serving checks again at warm-up on CUDA.
+            on_gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            fp16_outputs, fp16_providers = ort_outputs(
+                fp16, names, text_batches, providers=on_gpu if engine_sees_cuda("onnxruntime") else None
+            )
             variants[Variant.ONNX_FP16] = {
                 "file": fp16.name,
                 "dtype": "fp16",
                 "fusion": fusion16.to_dict(),
-                # Measured with the CPU provider when no GPU is present; the graph is meant for CUDA.
-                "agreement_with_fp32": agreement(
-                    reference_text, ort_outputs(fp16, names, text_batches), masks
-                ).to_dict(),
+                "agreement_with_fp32": agreement(reference_text, fp16_outputs, masks).to_dict(),
                 "seconds": round(time.perf_counter() - start, 3),
-                "providers": ["CUDAExecutionProvider"],
+                "providers": fp16_providers[:1],
             }
     finally:
         raw.unlink(missing_ok=True)

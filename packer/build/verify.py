@@ -17,6 +17,7 @@ from packer.artifact import QA
 from packer.artifact.config import AFTER_PADDING
 from packer.build.checkpoint import Source
 from packer.errors import CheckpointError
+from packer.runtime.agreement import argmax_agrees
 from packer.runtime.samples import QA_PAIRS, SENTENCES
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def agreement(
                 ref_values.append(ref.ravel())
                 cand_values.append(cand.ravel())
                 worst = max(worst, float(np.abs(ref - cand).max()))
-            agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+            agree += int(argmax_agrees(ref, cand).sum())
             total += ref.shape[0]
     a, b = np.concatenate(ref_values), np.concatenate(cand_values)
     corr = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float(np.allclose(a, b))

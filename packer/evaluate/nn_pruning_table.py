@@ -2,7 +2,7 @@
 and benchmarked (torch fp32, ORT fp32, ORT int8 at 1x384 and 8x128), one structure after another.
 
 python -m packer.evaluate.nn_pruning_table --reference results_squadv2.json --work DIR [--only 0,5,9]
-    [--runs 10] [--markdown OUT.md]
+    [--runs 10] [--markdown OUT.md] [--keep]
 
 Their speedup is their measured eval time against BERT-base on a GPU; ours are CPU latencies against
 the unpacked source in the same run. "torch / FLOP" is the packed torch speedup over the FLOP ratio
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ def prune_pack(*args: str) -> str:
     return done.stdout
 
 
-def row(reference: str, index: int, work: Path, runs: int) -> dict:
+def row(reference: str, index: int, work: Path, runs: int, keep: bool = False) -> dict:
     from packer.evaluate.model_bench import encoder_flops, parse_shape
     from packer.synth.nn_pruning import read_references
 
@@ -42,6 +43,9 @@ def row(reference: str, index: int, work: Path, runs: int) -> dict:
     )
     timings = {r["variant"]: r for r in json.loads(bench.read_text())}
     manifest = json.loads((out / "pack.json").read_text())
+    if not keep:  # ~1.5 GB per BERT-base row: the whole table would not fit most disks
+        shutil.rmtree(src)
+        shutil.rmtree(out)
     shape = ref.shape
     full_heads, full_ffn = [shape.heads] * shape.layers, [shape.intermediate] * shape.layers
     kept_heads = [shape.heads - len(ref.pruned_heads.get(i, [])) for i in range(shape.layers)]
@@ -89,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma list of checkpoint indices (default: all)")
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--markdown", help="also write the table here")
+    p.add_argument("--keep", action="store_true", help="keep each row's checkpoint and artifact")
     args = p.parse_args(argv)
     from packer.synth.nn_pruning import read_references
 
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in indices:
-        rows.append(row(args.reference, i, work, args.runs))
+        rows.append(row(args.reference, i, work, args.runs, args.keep))
         print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows)
     print(table)

@@ -128,3 +128,29 @@ def test_doctor_fails_on_a_broken_variant_and_refuses_a_non_artifact(bert_onnx, 
     assert "some checks FAILED" in done.stdout
     missing = doctor(str(tmp_path))
     assert missing.returncode == 2 and "not a packed artifact" in missing.stderr
+
+
+def test_argmax_agreement_counts_near_ties_and_nothing_else():
+    """fp16 or int8 may flip an argmax between two positions whose reference logits tie within 1% of the
+    row's range (flat logits of a random-weight model are full of them): that agrees; a real flip, or a
+    NaN, does not. Masked positions (-inf in both) are ignored."""
+    from packer.runtime.agreement import argmax_agrees
+
+    reference = np.array([[0.0, 1.0, 2.0, 1.995], [0.0, 5.0, 1.0, 2.0], [-np.inf, 1.0, 2.0, 0.0]])
+    candidate = np.array([[0.0, 1.0, 1.99, 2.0], [0.0, 1.0, 5.0, 2.0], [-np.inf, np.nan, 1.0, 0.0]])
+    assert argmax_agrees(reference, candidate).tolist() == [True, False, False]
+    assert argmax_agrees(reference[:2], reference[:2]).all()
+
+
+def test_doctor_skips_an_engine_that_sees_no_gpu(bert_onnx, monkeypatch):
+    """CUDA torch beside CPU onnxruntime (what the H100 image has): the ONNX variants are not checked on
+    cuda, and that is not a failure; torch is (and fails here, honestly: this machine has no GPU)."""
+    from service import doctor as doctor_module
+
+    monkeypatch.setattr(doctor_module, "engine_sees_cuda", lambda engine: engine == "torch")
+    rows = {(r["variant"], r["device"]): r for r in doctor_module.check_artifact(bert_onnx)}
+    for variant in ("onnx", "onnx-fp16"):
+        row = rows[(variant, "cuda")]
+        assert row["ok"] and "onnxruntime sees no CUDA" in row["skipped"]
+    assert ("onnx-int8", "cuda") not in rows and ("onnx-fp16", "cpu") not in rows
+    assert not rows[("torch", "cuda")]["ok"] and rows[("torch", "cpu")]["ok"]
