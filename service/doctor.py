@@ -21,7 +21,7 @@ import numpy as np
 
 from packer.artifact import QA, Variant, read_packed_config
 from packer.errors import PackerError
-from packer.runtime.agreement import compare, cpu_reference
+from packer.runtime.agreement import Agreement, compare, cpu_reference
 from packer.runtime.backends import (
     ENGINE,
     NVIDIA_DRIVER_SIGNS,
@@ -119,8 +119,7 @@ def sample_batch(artifact: Path):
     return pad(windows, tokenizer.pad_token_id)[:3], [w.length for w in windows]
 
 
-def figures(reference: dict, outputs: dict, lengths: list[int]) -> dict:
-    result = compare(reference, outputs, lengths)
+def figures(result: Agreement) -> dict:
     return {
         "max_abs_diff": round(result.max_abs_diff, 5),
         "argmax_agreement": round(result.fraction, 3),
@@ -151,8 +150,9 @@ def check_artifact(artifact: Path) -> list[dict]:
             try:
                 backend = open_backend(artifact, variant, device=device, strict=True)
                 row["backend"] = backend.name
-                row |= figures(reference, backend.run(*batch), lengths)
-                row["ok"] = row["finite"] and row["argmax_agreement"] >= MIN_AGREEMENT[backend.dtype]
+                result = compare(reference, backend.run(*batch), lengths)
+                row |= figures(result)
+                row["ok"] = result.acceptable(backend.dtype, MIN_AGREEMENT[backend.dtype])
             except PackerError as exc:
                 row.update(ok=False, detail=str(exc))
             rows.append(row)

@@ -39,11 +39,18 @@ def load_questions(path: Path, n: int, seed: int = 0) -> list[dict]:
     return [pairs[i] for i in rng.choice(len(pairs), size=min(n, len(pairs)), replace=False)]
 
 
-def wait_ready(url: str, proc: subprocess.Popen, path: str = "/ready", timeout: float = 180) -> None:
+def wait_ready(
+    url: str, proc: subprocess.Popen, log=None, path: str = "/ready", timeout: float = 180
+) -> None:
+    """Until `path` answers; a server that exits first is an error with the end of its `log` file."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
+            said = []
+            if log is not None:
+                log.seek(0)
+                said = log.read().decode(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(f"server exited with {proc.returncode}: " + " | ".join(said))
         try:
             if httpx.get(url + path, timeout=1).status_code < 500:
                 return
@@ -54,10 +61,10 @@ def wait_ready(url: str, proc: subprocess.Popen, path: str = "/ready", timeout: 
 
 
 def start(cmd: list[str], env: dict, url: str, ready_path: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    wait_ready(url, proc, ready_path)
+    # stderr to a file, not a pipe: a server that logs a lot must never block on a full pipe
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - read if the server dies, closed with the process
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=log)
+    wait_ready(url, proc, log, ready_path)
     return proc
 
 
