@@ -209,7 +209,7 @@ def load_model(path: Path, settings: Settings) -> ServedModel:
             task=config.task,
             variant=variant,
             backend=backend,
-            tokenizer=load_tokenizer(path, config),
+            tokenizer=load_tokenizer(path, config, settings.context_cache_tokens),
             config=config,
             params=int(manifest.get("params", {}).get("after", 0)),
             fingerprint=fingerprint(path),

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         "worker (the tokenizers library and numpy release the GIL); 0: 1 when every model runs on the "
         "CPU (inference has the cores), up to 4 when one runs on CUDA",
     )
+    context_cache_tokens: int = Field(
+        1_000_000,
+        ge=0,
+        description="tokens of recent QA contexts kept encoded per model (~32 bytes each; many questions "
+        "about one document tokenize it once); 0: none",
+    )
     max_batch_size: int = Field(MAX_BATCH_SIZE, ge=1, description="windows per batch")
     max_batch_tokens: int = Field(
         0,

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from packer.artifact import TOKENIZER, PackedConfig
 from packer.errors import ArtifactError
@@ -31,10 +34,68 @@ class Encoded:
     word_ids: list[int | None]
 
 
+@dataclass(frozen=True)
+class Plain:
+    """A text encoded alone, without special tokens, as arrays (QA assembles windows from these)."""
+
+    ids: np.ndarray  # int64
+    offsets: np.ndarray  # (tokens, 2) int64 character spans
+    word_ids: np.ndarray  # int64, -1 where a token belongs to no word
+    word_spans: np.ndarray  # (tokens, 2) each token's whole word (its own span where it has no word)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class PairTemplate:
+    """Where the post-processor puts its special tokens around a pair: prefix, first, middle, second,
+    suffix, with the type id of each part. Read off the tokenizer's own output, checked at load."""
+
+    prefix: np.ndarray
+    middle: np.ndarray
+    suffix: np.ndarray
+    prefix_types: np.ndarray
+    middle_types: np.ndarray
+    suffix_types: np.ndarray
+    first_type: int
+    second_type: int
+
+
+class PlainCache:
+    """Recently seen texts' encodings (SQuAD-style traffic asks many questions of one context), bounded
+    by the tokens it holds; least recently used first out. Thread-safe."""
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+        self._items: OrderedDict[str, Plain] = OrderedDict()
+        self._tokens = 0
+        self._lock = threading.Lock()
+
+    def get(self, text: str) -> Plain | None:
+        with self._lock:
+            found = self._items.get(text)
+            if found is not None:
+                self._items.move_to_end(text)
+            return found
+
+    def put(self, text: str, plain: Plain) -> None:
+        if len(plain) > self.max_tokens:
+            return
+        with self._lock:
+            if text in self._items:
+                return
+            self._items[text] = plain
+            self._tokens += len(plain)
+            while self._tokens > self.max_tokens:
+                _, old = self._items.popitem(last=False)
+                self._tokens -= len(old)
+
+
 class TextTokenizer:
     """The narrow tokenizer interface the tasks use: counting, QA windows, single texts or pairs."""
 
-    def __init__(self, backend, pad_token_id: int, token_types: bool):
+    def __init__(self, backend, pad_token_id: int, token_types: bool, cache_tokens: int = 0):
         self._json = backend.to_str()
         self._configured: dict[tuple, object] = {}
         self._lock = threading.Lock()
@@ -46,6 +107,8 @@ class TextTokenizer:
             pair: processor.num_special_tokens_to_add(pair) if processor is not None else 0
             for pair in (False, True)
         }
+        self._cache = PlainCache(cache_tokens) if cache_tokens > 0 else None
+        self.template = self._pair_template()
 
     @classmethod
     def from_transformers(cls, tokenizer) -> TextTokenizer:
@@ -108,6 +171,57 @@ class TextTokenizer:
     def count_batch(self, texts: list[str]) -> list[int]:
         return [len(e.ids) for e in self._backend(None).encode_batch(texts, add_special_tokens=False)]
 
+    def ids_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Each text's token ids without special tokens, in one batched call."""
+        encoded = self._backend(None).encode_batch(texts, add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int64) for e in encoded]
+
+    def plain_batch(self, texts: list[str], cached: bool = False) -> list[Plain]:
+        """Each text encoded alone without special tokens, in one batched call (the library runs it on
+        all cores without the GIL); with `cached`, texts seen recently are not encoded again."""
+        found = [self._cache.get(t) if cached and self._cache else None for t in texts]
+        missing = list(dict.fromkeys(t for t, f in zip(texts, found, strict=True) if f is None))
+        fresh = dict(
+            zip(
+                missing,
+                map(_plain, self._backend(None).encode_batch(missing, add_special_tokens=False)),
+                strict=True,
+            )
+        )
+        if cached and self._cache:
+            for text, plain in fresh.items():
+                self._cache.put(text, plain)
+        return [f if f is not None else fresh[t] for t, f in zip(texts, found, strict=True)]
+
+    def _pair_template(self) -> PairTemplate | None:
+        """The special tokens around a pair, read off the post-processor's output for a sample pair and
+        checked by rebuilding that output; None (QA then encodes pairs whole) if it cannot be."""
+        question, context = "Where is it?", "It is in the old town, by the river."
+        encoded = self._backend(None).encode(question, context)
+        seq = [-1 if s is None else s for s in encoded.sequence_ids]
+        ids, types = np.asarray(encoded.ids, np.int64), np.asarray(encoded.type_ids, np.int64)
+        if 0 not in seq or 1 not in seq:
+            return None
+        a0, a1 = seq.index(0), len(seq) - seq[::-1].index(0)
+        b0, b1 = seq.index(1), len(seq) - seq[::-1].index(1)
+        template = PairTemplate(
+            prefix=ids[:a0],
+            middle=ids[a1:b0],
+            suffix=ids[b1:],
+            prefix_types=types[:a0],
+            middle_types=types[a1:b0],
+            suffix_types=types[b1:],
+            first_type=int(types[a0]),
+            second_type=int(types[b0]),
+        )
+        q, c = self.ids_batch([question, context])
+        rebuilt = np.concatenate([template.prefix, q, template.middle, c, template.suffix])
+        if not np.array_equal(rebuilt, ids) or len(template.prefix) + len(template.middle) + len(
+            template.suffix
+        ) != self.num_special_tokens(pair=True):
+            return None
+        return template
+
 
 def _encoded(encoding) -> Encoded:
     return Encoded(
@@ -117,6 +231,43 @@ def _encoded(encoding) -> Encoded:
         sequence_ids=encoding.sequence_ids,
         word_ids=encoding.word_ids,
     )
+
+
+def _plain(encoding) -> Plain:
+    offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+    words = np.array([-1 if w is None else w for w in encoding.word_ids], dtype=np.int64)
+    return Plain(
+        ids=np.asarray(encoding.ids, dtype=np.int64),
+        offsets=offsets,
+        word_ids=words,
+        word_spans=word_spans(offsets, words),
+    )
+
+
+def word_spans(offsets: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """Each token's word as a character span: the smallest start and largest end over the tokens of its
+    word (as the tokenizer's pre-tokenizer splits); tokens of no word (-1) keep their own span."""
+    spans = offsets.copy()
+    tokens = np.flatnonzero(words >= 0)
+    if not len(tokens):
+        return spans
+    w = words[tokens]
+    change = np.empty(len(w), dtype=bool)
+    change[0] = True
+    np.not_equal(w[1:], w[:-1], out=change[1:])
+    if (w[1:] >= w[:-1]).all():  # words in order (every tokenizer here): each word's tokens contiguous
+        starts = np.flatnonzero(change)
+        group = np.cumsum(change) - 1
+        low = np.minimum.reduceat(offsets[tokens, 0], starts)
+        high = np.maximum.reduceat(offsets[tokens, 1], starts)
+    else:
+        ids, group = np.unique(w, return_inverse=True)
+        low = np.full(len(ids), np.iinfo(np.int64).max)
+        high = np.full(len(ids), -1)
+        np.minimum.at(low, group, offsets[tokens, 0])
+        np.maximum.at(high, group, offsets[tokens, 1])
+    spans[tokens, 0], spans[tokens, 1] = low[group], high[group]
+    return spans
 
 
 def _pad_token(path: Path, backend) -> int | None:
@@ -133,8 +284,9 @@ def _pad_token(path: Path, backend) -> int | None:
     return None
 
 
-def load_tokenizer(path: str | Path, config: PackedConfig) -> TextTokenizer:
-    """The artifact's tokenizer.json, read with the `tokenizers` library."""
+def load_tokenizer(path: str | Path, config: PackedConfig, cache_tokens: int = 0) -> TextTokenizer:
+    """The artifact's tokenizer.json, read with the `tokenizers` library; `cache_tokens` bounds the cache
+    of recent QA contexts (0: none)."""
     from tokenizers import Tokenizer
 
     file = Path(path) / TOKENIZER
@@ -147,4 +299,5 @@ def load_tokenizer(path: str | Path, config: PackedConfig) -> TextTokenizer:
     except Exception as exc:
         raise ArtifactError(f"{file}: cannot be read as a tokenizer ({str(exc).splitlines()[0]})") from exc
     pad = _pad_token(Path(path), backend)
-    return TextTokenizer(backend, config.pad_token_id if pad is None else pad, config.uses_token_types)
+    pad_id = config.pad_token_id if pad is None else pad
+    return TextTokenizer(backend, pad_id, config.uses_token_types, cache_tokens)

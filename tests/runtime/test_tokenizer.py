@@ -77,7 +77,11 @@ def artifacts(request) -> list[Path]:
 def pair_tokenizers(path: Path):
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path)), load_tokenizer(path, config_of(path))
+
+
+def config_of(path: Path):
+    """The artifact's packed config, or for an unpacked checkpoint one with its token-type rule."""
     config = read_packed_config(path) if (path / "pack.json").is_file() else None
     if config is None:  # an unpacked checkpoint: the packed config's token-type rule from config.json
         import json
@@ -99,7 +103,7 @@ def pair_tokenizers(path: Path):
             num_heads=[],
             intermediate_sizes=[],
         )
-    return hf, load_tokenizer(path, config)
+    return config
 
 
 @pytest.mark.parametrize(("max_len", "stride"), [(384, 128), (64, 16), (48, 20)])
@@ -175,3 +179,64 @@ def test_missing_or_broken_tokenizer_json_names_the_file(bert_qa_packed, tmp_pat
     (copy / "tokenizer.json").unlink()
     with pytest.raises(ArtifactError, match=r"tokenizer\.json: missing"):
         load_tokenizer(copy, config)
+
+
+def windows_as_lists(windows) -> list[tuple]:
+    return [
+        (
+            w.input_ids.tolist(),
+            None if w.token_type_ids is None else w.token_type_ids.tolist(),
+            w.offsets.tolist(),
+            w.word_spans.tolist(),
+            w.context_start,
+            w.context_end,
+        )
+        for w in windows
+    ]
+
+
+def test_windows_assembled_from_a_template_equal_pairs_encoded_whole(request):
+    """QA encodes questions and contexts alone (contexts cached) and assembles windows with the
+    post-processor's template: the same windows as the library's own pair truncation with stride, for
+    every tokenizer family, at window edges (a context that exactly fills the room, one token over,
+    one token), with NFD marks and non-ASCII text; an empty context is refused by both."""
+    for path in artifacts(request):
+        config = config_of(path)
+        assembled = load_tokenizer(path, config, cache_tokens=100_000)
+        whole = load_tokenizer(path, config)
+        whole.template = None  # what a tokenizer without a readable template falls back to
+        assert assembled.template is not None, path
+        room = 64 - assembled.count(QUESTION) - assembled.num_special_tokens(pair=True)
+        words = CONTEXT.split()
+        fitting = next(
+            " ".join(words[:k])
+            for k in range(len(words), 0, -1)
+            if assembled.count(" ".join(words[:k])) <= room
+        )
+        contexts = [CONTEXT, NFD, fitting, fitting + " more words here", "Because.", CONTEXT[:700]]
+        pairs = [(QUESTION, c) for c in contexts] + [("Who owned it?", NFD), ("Why?", CONTEXT)]
+        for max_len, stride in [(384, 128), (64, 16), (64, 20), (96, 32)]:
+            options = qa.QAOptions(max_seq_len=max_len, doc_stride=stride)
+            for _ in range(2):  # the second time every context comes from the cache
+                got = qa.make_windows_batch(assembled, pairs, options)
+                want = qa.make_windows_batch(whole, pairs, options)
+                assert [windows_as_lists(g) for g in got] == [windows_as_lists(w) for w in want], path
+        for tokenizer in (assembled, whole):
+            with pytest.raises(qa.QAInputError, match="context is empty"):
+                qa.make_windows_batch(tokenizer, [(QUESTION, "")], qa.QAOptions())
+
+
+def test_the_context_cache_is_bounded_by_tokens_and_keeps_the_recent(bert_qa_packed):
+    from packer.runtime.tokenizer import PlainCache
+
+    ours = load_tokenizer(bert_qa_packed, read_packed_config(bert_qa_packed))
+    a, b, c = ours.plain_batch(["one two three", "four five six", "seven eight nine ten eleven"])
+    cache = PlainCache(max_tokens=len(a) + len(b) + len(c) - 1)  # room for two of the three
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is a  # now the most recent
+    cache.put("c", c)  # over the bound: the least recently used ("b") goes first
+    assert cache.get("b") is None and cache.get("a") is a and cache.get("c") is c
+    assert cache._tokens <= cache.max_tokens
+    cache.put("huge", ours.plain_batch([CONTEXT])[0])  # bigger than the whole cache: never held
+    assert cache.get("huge") is None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from packer.runtime.tokenizer import TextTokenizer
+from packer.runtime.tokenizer import Plain, TextTokenizer, word_spans
 
 N_BEST = 20
 
@@ -78,22 +78,98 @@ def make_windows(tokenizer: TextTokenizer, question: str, context: str, options:
 def make_windows_batch(
     tokenizer: TextTokenizer, pairs: list[tuple[str, str]], options: QAOptions
 ) -> list[list[Window]]:
-    """Windows of each (question, context): one batched tokenizer call for a request's items."""
-    counts = tokenizer.count_batch([question for question, _ in pairs])
-    for question_tokens in counts:
-        room = options.max_seq_len - question_tokens - tokenizer.num_special_tokens(pair=True)
-        if room < 1:
-            raise QAInputError(
-                f"the question is {question_tokens} tokens: with max_seq_len {options.max_seq_len} no room "
-                "is left for the context; shorten the question or raise max_seq_len"
+    """Windows of each (question, context) pair of a request.
+
+    Questions and contexts are encoded alone in two batched calls (contexts seen recently come from the
+    tokenizer's cache) and windows are assembled from them with the post-processor's template, as the
+    tokenizers library's only_second truncation with stride cuts them (tests compare the two). A
+    tokenizer whose template cannot be read encodes each pair whole instead."""
+    if tokenizer.template is None:
+        for question_tokens in tokenizer.count_batch([question for question, _ in pairs]):
+            _context_room(tokenizer, question_tokens, options)
+        encoded = tokenizer.windows_batch(pairs, options.max_seq_len, options.doc_stride)
+        return [_windows(tokenizer, encodings) for encodings in encoded]
+    questions = tokenizer.ids_batch([question for question, _ in pairs])
+    rooms = [_context_room(tokenizer, len(q), options) for q in questions]
+    contexts = tokenizer.plain_batch([context for _, context in pairs], cached=True)
+    return [
+        _assemble(tokenizer, q, c, room, options.doc_stride)
+        for q, c, room in zip(questions, contexts, rooms, strict=True)
+    ]
+
+
+def _context_room(tokenizer: TextTokenizer, question_tokens: int, options: QAOptions) -> int:
+    """Context tokens a window holds beside this question; refused when none, or no stride fits."""
+    room = options.max_seq_len - question_tokens - tokenizer.num_special_tokens(pair=True)
+    if room < 1:
+        raise QAInputError(
+            f"the question is {question_tokens} tokens: with max_seq_len {options.max_seq_len} no room "
+            "is left for the context; shorten the question or raise max_seq_len"
+        )
+    if options.doc_stride >= room:
+        raise QAInputError(
+            f"doc_stride {options.doc_stride} must be smaller than the context room of a window "
+            f"({room} tokens with this question and max_seq_len {options.max_seq_len})"
+        )
+    return room
+
+
+def _parts(tokens: int, room: int, stride: int) -> list[tuple[int, int]]:
+    """Context token ranges of the windows: `room` long, each starting room - stride after the last,
+    until one reaches the end (the tokenizers library's truncation with stride)."""
+    parts = []
+    for start in range(0, max(tokens, 1), room - stride):
+        parts.append((start, min(start + room, tokens)))
+        if start + room >= tokens:
+            break
+    return parts
+
+
+def _assemble(
+    tokenizer: TextTokenizer, question: np.ndarray, context: Plain, room: int, stride: int
+) -> list[Window]:
+    t = tokenizer.template
+    head = np.concatenate([t.prefix, question, t.middle])
+    head_types = np.concatenate([t.prefix_types, np.full(len(question), t.first_type), t.middle_types])
+    first = len(head)
+    windows = []
+    for start, stop in _parts(len(context), room, stride):
+        m = stop - start
+        if m == 0:
+            continue
+        ids = np.concatenate([head, context.ids[start:stop], t.suffix])
+        offsets = np.full((len(ids), 2), -1, dtype=np.int64)
+        offsets[first : first + m] = context.offsets[start:stop]
+        # Words wholly inside the window span as in the whole context; a word cut by the window's edge
+        # spans only the part the window holds (what per-window encoding gives).
+        spans = offsets.copy()
+        spans[first : first + m] = context.word_spans[start:stop]
+        words = context.word_ids
+        cut = (
+            {words[start]} if start > 0 and words[start] >= 0 and words[start - 1] == words[start] else set()
+        )
+        if stop < len(context) and words[stop - 1] >= 0 and words[stop] == words[stop - 1]:
+            cut.add(words[stop - 1])
+        for word in cut:
+            inside = first + np.flatnonzero(words[start:stop] == word)
+            spans[inside, 0], spans[inside, 1] = offsets[inside, 0].min(), offsets[inside, 1].max()
+        types = None
+        if tokenizer.token_types:
+            types = np.concatenate([head_types, np.full(m, t.second_type), t.suffix_types])
+        windows.append(
+            Window(
+                input_ids=ids,
+                attention_mask=np.ones(len(ids), dtype=np.int64),
+                token_type_ids=types,
+                offsets=offsets,
+                word_spans=spans,
+                context_start=first,
+                context_end=first + m - 1,
             )
-        if options.doc_stride >= room:
-            raise QAInputError(
-                f"doc_stride {options.doc_stride} must be smaller than the context room of a window "
-                f"({room} tokens with this question and max_seq_len {options.max_seq_len})"
-            )
-    encoded = tokenizer.windows_batch(pairs, options.max_seq_len, options.doc_stride)
-    return [_windows(tokenizer, encodings) for encodings in encoded]
+        )
+    if not windows:
+        raise QAInputError("the context is empty after tokenization")
+    return windows
 
 
 def _windows(tokenizer: TextTokenizer, encodings) -> list[Window]:
@@ -124,17 +200,9 @@ def _windows(tokenizer: TextTokenizer, encodings) -> list[Window]:
 
 
 def _word_spans(offsets: np.ndarray, words: np.ndarray, context: np.ndarray) -> np.ndarray:
-    """For each context token, the character span of its word (as the tokenizer's pre-tokenizer splits):
-    the smallest start and largest end over the window's context tokens of that word."""
+    """For each context token, the character span of its word as far as this window holds it."""
     spans = offsets.copy()
-    tokens = context[words[context] >= 0]
-    if len(tokens):
-        ids, group = np.unique(words[tokens], return_inverse=True)
-        low = np.full(len(ids), np.iinfo(np.int64).max)
-        high = np.full(len(ids), -1)
-        np.minimum.at(low, group, offsets[tokens, 0])
-        np.maximum.at(high, group, offsets[tokens, 1])
-        spans[tokens, 0], spans[tokens, 1] = low[group], high[group]
+    spans[context] = word_spans(offsets[context], words[context])
     return spans
 
 
@@ -180,9 +248,9 @@ def _window_candidates(context: str, window: Window, start_logits, end_logits, o
     probs = _softmax_at(start_logits[0], ctx_start, s) * _softmax_at(end_logits[0], ctx_end, e)
     spans = window.word_spans if options.align_to_words else window.offsets
     start_chars = spans[first + starts, 0]
-    end_chars = np.array(
-        [_through_marks(context, int(end)) for end in spans[first + ends, 1]], dtype=np.int64
-    )
+    end_chars = spans[first + ends, 1]
+    if not context.isascii():  # ASCII has no combining marks to step over
+        end_chars = np.array([_through_marks(context, int(end)) for end in end_chars], dtype=np.int64)
     return pair_sums, probs, np.stack([start_chars[rows], end_chars[cols]], axis=1)
 
 
@@ -224,7 +292,8 @@ def answer(
         best = float(sums_all.max())
         # Group pairs by character span; in each, the best pair first (earliest on equal sums).
         order = np.lexsort((loop, -sums_all, keys))
-        first = np.flatnonzero(np.r_[True, keys[order][1:] != keys[order][:-1]])
+        sorted_keys = keys[order]
+        first = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
         kept = order[first]
         # A span's place among equal sums: where it first appeared in the loop (a stable sort of spans).
         appeared = np.minimum.reduceat(loop[order], first)
