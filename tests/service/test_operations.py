@@ -355,3 +355,22 @@ def test_accept_errors_at_the_descriptor_limit_are_logged_once_per_interval():
     assert kept.count(True) == 1
     assert throttle.suppressed == 999
     assert throttle.filter(record("some other asyncio error")) is True
+
+
+def test_the_readme_lists_every_setting_with_its_default():
+    """README's settings table is what operators read: every field of the one settings object, with
+    the default the code has."""
+    from service.settings import Settings
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2].strip()
+        for line in readme.splitlines()
+        if line.startswith("| `PRUNE_SERVE_")
+    }
+    for name, field in Settings.model_fields.items():
+        row = f"`PRUNE_SERVE_{name.upper()}`"
+        assert row in rows, f"README's settings table lacks {row}"
+        default = field.default if field.default_factory is None else field.default_factory()
+        shown = None if name == "api_key" else default
+        assert rows[row] == f"`{shown}`", (row, rows[row], default)
