@@ -150,3 +150,28 @@ def test_gpu_memory_stays_flat_over_a_mixed_shape_soak(gpu_artifact, tmp_path):
         assert grown < 0.1 * used_after_warm + 64 * 2**20
     finally:
         server.stop()
+
+
+def test_a_new_batch_shape_builds_no_attention_plan(gpu_artifact):
+    """cuDNN's SDPA builds an execution plan per new shape (240-700 ms each on an H100, per distinct head
+    count: every layer of a pruned model); the torch backend runs attention without it, so the first
+    batch of a new (batch, length) under live traffic costs milliseconds."""
+    import time
+
+    import numpy as np
+
+    from packer.runtime.backends import open_backend
+
+    backend = open_backend(gpu_artifact, "torch", device="cuda", strict=True)
+    rng = np.random.default_rng(0)
+    backend.run(*[np.ones((2, 384), dtype=np.int64)] * 2, None)
+    firsts = []
+    for batch, length in [(1, 136), (2, 200), (3, 264), (1, 328)]:
+        ids = rng.integers(1000, 20000, (batch, length))
+        mask = np.ones_like(ids)
+        mask[0, -5:] = 0  # padded: the masked attention path the service takes
+        start = time.perf_counter()
+        backend.run(ids, mask, np.zeros_like(ids))
+        firsts.append((time.perf_counter() - start) * 1000)
+    print("first call of a new shape (ms):", [round(f, 1) for f in firsts])
+    assert max(firsts) < 100, firsts
