@@ -236,12 +236,15 @@ def _encoded(encoding) -> Encoded:
 def _plain(encoding) -> Plain:
     offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
     words = np.array([-1 if w is None else w for w in encoding.word_ids], dtype=np.int64)
-    return Plain(
+    plain = Plain(
         ids=np.asarray(encoding.ids, dtype=np.int64),
         offsets=offsets,
         word_ids=words,
         word_spans=word_spans(offsets, words),
     )
+    for array in (plain.ids, plain.offsets, plain.word_ids, plain.word_spans):
+        array.flags.writeable = False  # cached and shared by every request that sends this text
+    return plain
 
 
 def word_spans(offsets: np.ndarray, words: np.ndarray) -> np.ndarray:

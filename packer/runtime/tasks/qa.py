@@ -128,6 +128,7 @@ def _parts(tokens: int, room: int, stride: int) -> list[tuple[int, int]]:
 def _assemble(
     tokenizer: TextTokenizer, question: np.ndarray, context: Plain, room: int, stride: int
 ) -> list[Window]:
+    """The windows of one pair: the template's specials around the question and each context part."""
     t = tokenizer.template
     head = np.concatenate([t.prefix, question, t.middle])
     head_types = np.concatenate([t.prefix_types, np.full(len(question), t.first_type), t.middle_types])
@@ -145,9 +146,9 @@ def _assemble(
         spans = offsets.copy()
         spans[first : first + m] = context.word_spans[start:stop]
         words = context.word_ids
-        cut = (
-            {words[start]} if start > 0 and words[start] >= 0 and words[start - 1] == words[start] else set()
-        )
+        cut = set()
+        if start > 0 and words[start] >= 0 and words[start - 1] == words[start]:
+            cut.add(words[start])
         if stop < len(context) and words[stop - 1] >= 0 and words[stop] == words[stop - 1]:
             cut.add(words[stop - 1])
         for word in cut:
