@@ -73,16 +73,19 @@ def row(reference: str, index: int, work: Path, runs: int, keep: bool = False) -
 
 
 def markdown(rows: list[dict]) -> str:
+    """The table; the last column is the largest coefficient of variation of the row's timings (its
+    cells are medians of `--runs` runs; above 10% the bench warned that other work was running)."""
     head = "| # | model | their F1 | their speedup | attn density |"
     head += "".join(f" FLOP {s} | torch {s} | ORT fp32 {s} | ORT int8 {s} | torch/FLOP {s} |" for s in SHAPES)
-    lines = [head, "|" + " --- |" * (5 + 5 * len(SHAPES))]
+    lines = [head + " max CV |", "|" + " --- |" * (6 + 5 * len(SHAPES))]
     for r in rows:
         cells = f"| {r['checkpoint']} | {r['model']} | {r['their_f1']} | {r['their_speedup']}x |"
         cells += f" {r['attention_density']:.0%} |"
         for s in SHAPES:
             cells += f" {r[f'flop_ratio_{s}']}x | {r[f'torch_{s}']}x | {r[f'onnx_{s}']}x |"
             cells += f" {r[f'onnx-int8_{s}']}x | {r[f'torch_over_flop_{s}']:.0%} |"
-        lines.append(cells)
+        worst = max(v for k, v in r.items() if k.endswith("_cv"))
+        lines.append(cells + f" {worst:.0%} |")
     return "\n".join(lines)
 
 
