@@ -169,7 +169,7 @@ class TextTokenizer:
         return [[_encoded(e) for e in [first, *first.overflowing]] for first in encodings]
 
     def count_batch(self, texts: list[str]) -> list[int]:
-        return [len(e.ids) for e in self._backend(None).encode_batch(texts, add_special_tokens=False)]
+        return [len(ids) for ids in self.ids_batch(texts)]
 
     def ids_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Each text's token ids without special tokens, in one batched call."""
@@ -179,18 +179,16 @@ class TextTokenizer:
     def plain_batch(self, texts: list[str], cached: bool = False) -> list[Plain]:
         """Each text encoded alone without special tokens, in one batched call (the library runs it on
         all cores without the GIL); with `cached`, texts seen recently are not encoded again."""
-        found = [self._cache.get(t) if cached and self._cache else None for t in texts]
+        cache = self._cache if cached else None
+        found = [cache.get(t) if cache else None for t in texts]
         missing = list(dict.fromkeys(t for t, f in zip(texts, found, strict=True) if f is None))
-        fresh = dict(
-            zip(
-                missing,
-                map(_plain, self._backend(None).encode_batch(missing, add_special_tokens=False)),
-                strict=True,
-            )
-        )
-        if cached and self._cache:
+        fresh: dict[str, Plain] = {}
+        if missing:  # all cached (the common case of many questions about one context): no call at all
+            encoded = self._backend(None).encode_batch(missing, add_special_tokens=False)
+            fresh = {text: _plain(e) for text, e in zip(missing, encoded, strict=True)}
+        if cache:
             for text, plain in fresh.items():
-                self._cache.put(text, plain)
+                cache.put(text, plain)
         return [f if f is not None else fresh[t] for t, f in zip(texts, found, strict=True)]
 
     def _pair_template(self) -> PairTemplate | None:
@@ -216,9 +214,21 @@ class TextTokenizer:
         )
         q, c = self.ids_batch([question, context])
         rebuilt = np.concatenate([template.prefix, q, template.middle, c, template.suffix])
-        if not np.array_equal(rebuilt, ids) or len(template.prefix) + len(template.middle) + len(
-            template.suffix
-        ) != self.num_special_tokens(pair=True):
+        rebuilt_types = np.concatenate(
+            [
+                template.prefix_types,
+                np.full(len(q), template.first_type),
+                template.middle_types,
+                np.full(len(c), template.second_type),
+                template.suffix_types,
+            ]
+        )
+        specials = len(template.prefix) + len(template.middle) + len(template.suffix)
+        if (
+            not np.array_equal(rebuilt, ids)
+            or not np.array_equal(rebuilt_types, types)
+            or specials != self.num_special_tokens(pair=True)
+        ):
             return None
         return template
 

@@ -6,6 +6,7 @@ import contextlib
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from packer.runtime.backends.base import CudaOptions, default_threads, resolve_device
 from packer.runtime.loading import LoadedModel
@@ -31,13 +32,10 @@ def computes_on_gpu() -> tuple[bool, str]:
     return ok, torch.cuda.get_device_name(0)
 
 
-def gpu_attention():
-    """SDPA without cuDNN's attention on CUDA: it builds an execution plan for every new shape (hundreds
-    of ms, measured on an H100), and a pruned model's per-layer head counts make each (batch, length) a
-    new shape in every layer; the fused efficient/flash kernels need no plan."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+# SDPA without cuDNN's attention on CUDA: it builds an execution plan for every new shape (hundreds of
+# ms, measured on an H100), and a pruned model's per-layer head counts make each (batch, length) a new
+# shape in every layer; the fused efficient/flash kernels need no plan.
+GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class TorchBackend:
@@ -81,7 +79,7 @@ class TorchBackend:
 
         if attention_mask.all():  # decided on the host: asking the GPU tensor would sync every call
             attention_mask = None
-        with gpu_attention() if self.device == "cuda" else contextlib.nullcontext():
+        with sdpa_kernel(GPU_ATTENTION) if self.device == "cuda" else contextlib.nullcontext():
             out = self.model(tensor(input_ids), tensor(attention_mask), tensor(token_type_ids))
         names = ("start_logits", "end_logits") if out.get("start_logits") is not None else ("logits",)
         return {name: out[name].float().cpu().numpy() for name in names}

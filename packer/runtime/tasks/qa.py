@@ -131,7 +131,9 @@ def _assemble(
     """The windows of one pair: the template's specials around the question and each context part."""
     t = tokenizer.template
     head = np.concatenate([t.prefix, question, t.middle])
-    head_types = np.concatenate([t.prefix_types, np.full(len(question), t.first_type), t.middle_types])
+    head_types = None
+    if tokenizer.token_types:  # models without token types (RoBERTa, DistilBERT) never need them
+        head_types = np.concatenate([t.prefix_types, np.full(len(question), t.first_type), t.middle_types])
     first = len(head)
     windows = []
     for start, stop in _parts(len(context), room, stride):
@@ -155,7 +157,7 @@ def _assemble(
             inside = first + np.flatnonzero(words[start:stop] == word)
             spans[inside, 0], spans[inside, 1] = offsets[inside, 0].min(), offsets[inside, 1].max()
         types = None
-        if tokenizer.token_types:
+        if head_types is not None:
             types = np.concatenate([head_types, np.full(m, t.second_type), t.suffix_types])
         windows.append(
             Window(
