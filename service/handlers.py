@@ -130,24 +130,24 @@ async def run_qa(
     outputs = await _await_all(work, request, deadline)
 
     def postprocess():
-        results, at = [], 0
-        for it, ws in zip(items, windows, strict=True):
-            logits = [(o["start_logits"], o["end_logits"]) for o in outputs[at : at + len(ws)]]
+        logits, at = [], 0
+        for ws in windows:
+            logits.append([(o["start_logits"], o["end_logits"]) for o in outputs[at : at + len(ws)]])
             at += len(ws)
-            try:
-                r = qa.answer(it.context, ws, logits, options)
-            except qa.NonFiniteLogits as exc:
-                raise InferenceFailed(f"model {model.name}: {exc}; the variant or device is broken") from None
-            results.append(
-                QAResultOut(
-                    answers=[
-                        QAAnswer(answer=a.answer, score=a.score, start=a.start, end=a.end) for a in r.answers
-                    ],
-                    is_impossible=r.is_impossible,
-                    null_score_diff=r.null_score_diff if math.isfinite(r.null_score_diff) else 0.0,
-                )
+        try:
+            found = qa.answer_batch([it.context for it in items], windows, logits, options)
+        except qa.NonFiniteLogits as exc:
+            raise InferenceFailed(f"model {model.name}: {exc}; the variant or device is broken") from None
+        return [
+            QAResultOut(
+                answers=[
+                    QAAnswer(answer=a.answer, score=a.score, start=a.start, end=a.end) for a in r.answers
+                ],
+                is_impossible=r.is_impossible,
+                null_score_diff=r.null_score_diff if math.isfinite(r.null_score_diff) else 0.0,
             )
-        return results
+            for r in found
+        ]
 
     return await rt.off_loop(postprocess)
 

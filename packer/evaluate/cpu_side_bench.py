@@ -42,9 +42,8 @@ def serve_request(tokenizer, pairs: list[tuple[str, str]], options: qa.QAOptions
     """What one request costs the handlers: batched windows, then answers from logits."""
     windows = qa.make_windows_batch(tokenizer, pairs, options)
     rng = np.random.default_rng(seed)
-    for (_, context), ws in zip(pairs, windows, strict=True):
-        logits = [(rng.normal(0, 3, w.length).astype(np.float32),) * 2 for w in ws]
-        qa.answer(context, ws, logits, options)
+    logits = [[(rng.normal(0, 3, w.length).astype(np.float32),) * 2 for w in ws] for ws in windows]
+    qa.answer_batch([context for _, context in pairs], windows, logits, options)
     return sum(len(ws) for ws in windows)
 
 

@@ -14,6 +14,11 @@ from tests.conftest import SHARED_DATA
 QA_MODEL = SHARED_DATA / "models" / "minilm-l6-squad2"
 
 
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
 def per_pair_answer(context, windows, logits, options: qa.QAOptions) -> qa.QAResult:
     """The earlier implementation, verbatim in behaviour: every (start, end) pair in Python."""
     candidates: dict[tuple[int, int], qa.Answer] = {}
@@ -26,11 +31,11 @@ def per_pair_answer(context, windows, logits, options: qa.QAOptions) -> qa.QARes
         allowed[0] = True
         allowed[window.context_start : window.context_end + 1] = True
         p_start, p_end = np.zeros(n), np.zeros(n)
-        p_start[allowed] = qa._softmax(start_logits[allowed])
-        p_end[allowed] = qa._softmax(end_logits[allowed])
+        p_start[allowed] = softmax(start_logits[allowed])
+        p_end[allowed] = softmax(end_logits[allowed])
         ctx = np.arange(window.context_start, window.context_end + 1)
-        starts = ctx[np.argsort(-start_logits[ctx])[: qa.N_BEST]]
-        ends = ctx[np.argsort(-end_logits[ctx])[: qa.N_BEST]]
+        starts = ctx[np.argsort(-start_logits[ctx], kind="stable")[: qa.N_BEST]]
+        ends = ctx[np.argsort(-end_logits[ctx], kind="stable")[: qa.N_BEST]]
         for s in starts:
             for e in ends:
                 if e < s or e - s + 1 > options.max_answer_len:
@@ -93,6 +98,53 @@ def test_equal_to_the_per_pair_loop_on_random_logits(bert_qa_packed):
                         qa.answer(CONTEXT, windows, logits, options),
                         per_pair_answer(CONTEXT, windows, logits, options),
                     )
+
+
+def test_a_request_answered_as_one_batch_equals_each_question_alone(bert_qa_packed):
+    """answer_batch pads a request's windows into one matrix: windows of different lengths, items with
+    several windows, ASCII and non-ASCII contexts, ties, and top_k must come out as item by item."""
+    import packer
+
+    tokenizer = packer.load(bert_qa_packed).tokenizer
+    contexts = [
+        CONTEXT,
+        "It opened in 1883.",
+        CONTEXT[:300].encode("ascii", "ignore").decode(),
+        CONTEXT[::-1],
+    ]
+    options_of = [qa.QAOptions(top_k=k, max_seq_len=96, doc_stride=32) for k in (1, 4)]
+    rng = np.random.default_rng(1)
+    for options in options_of:
+        windows = [qa.make_windows(tokenizer, "Who built it?", c, options) for c in contexts]
+        assert max(map(len, windows)) > 1 and min(map(len, windows)) == 1
+        for trial in range(10):
+            logits = [
+                [(rng.normal(0, 3, w.length).astype(np.float32), rng.normal(0, 3, w.length)) for w in ws]
+                for ws in windows
+            ]
+            if trial % 3 == 0:
+                logits = [[(np.round(s), np.round(e)) for s, e in ls] for ls in logits]
+            together = qa.answer_batch(contexts, windows, logits, options)
+            for c, ws, ls, result in zip(contexts, windows, logits, together, strict=True):
+                assert same(result, per_pair_answer(c, ws, ls, options))
+                assert same(result, qa.answer(c, ws, ls, options))
+
+
+def test_a_non_finite_window_fails_the_batch_and_names_the_window(bert_qa_packed):
+    import packer
+
+    tokenizer = packer.load(bert_qa_packed).tokenizer
+    options = qa.QAOptions(max_seq_len=96, doc_stride=32)
+    windows = [qa.make_windows(tokenizer, "When?", c, options) for c in ("It opened in 1883.", CONTEXT)]
+    logits = [[(np.zeros(w.length, np.float32),) * 2 for w in ws] for ws in windows]
+    assert [
+        r.is_impossible for r in qa.answer_batch(["It opened in 1883.", CONTEXT], windows, logits, options)
+    ]
+    broken = np.zeros(windows[1][2].length, np.float32)
+    broken[1] = np.inf  # a question token: never read for an answer, still a broken model
+    logits[1][2] = (np.zeros_like(broken), broken)
+    with pytest.raises(qa.NonFiniteLogits, match="window 2"):
+        qa.answer_batch(["It opened in 1883.", CONTEXT], windows, logits, options)
 
 
 def test_non_finite_logits_are_an_error_not_an_answer(bert_qa_packed):

@@ -227,86 +227,139 @@ def null_probability(null_score_diff: float) -> float:
     return 1 / (1 + math.exp(-max(min(null_score_diff, 50), -50)))
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
-    return e / e.sum()
-
-
 class NonFiniteLogits(ArithmeticError):
     """The model produced NaN or infinite logits (a broken variant or device): never an answer."""
-
-
-def _window_candidates(context: str, window: Window, start_logits, end_logits, options: QAOptions):
-    """The window's candidate (start, end) token pairs over the N_BEST x N_BEST grid, in the loop order of
-    the per-pair code this replaces (start rank, then end rank), valid ones only: their logit sums,
-    span probabilities (softmax over [CLS] and the context tokens) and character spans."""
-    first, last = window.context_start, window.context_end + 1
-    ctx_start, ctx_end = start_logits[first:last], end_logits[first:last]
-    starts = np.argsort(-ctx_start)[:N_BEST]
-    ends = np.argsort(-ctx_end)[:N_BEST]
-    length = ends[None, :] - starts[:, None] + 1
-    rows, cols = np.nonzero((length >= 1) & (length <= options.max_answer_len))
-    s, e = starts[rows], ends[cols]  # context-relative token positions
-    pair_sums = ctx_start[s] + ctx_end[e]
-    probs = _softmax_at(start_logits[0], ctx_start, s) * _softmax_at(end_logits[0], ctx_end, e)
-    spans = window.word_spans if options.align_to_words else window.offsets
-    start_chars = spans[first + starts, 0]
-    end_chars = spans[first + ends, 1]
-    if not context.isascii():  # ASCII has no combining marks to step over
-        end_chars = np.array([_through_marks(context, int(end)) for end in end_chars], dtype=np.int64)
-    return pair_sums, probs, np.stack([start_chars[rows], end_chars[cols]], axis=1)
-
-
-def _softmax_at(cls: float, ctx: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """softmax over [CLS] and the context logits (in that order), at context positions `at`."""
-    return _softmax(np.concatenate(([cls], ctx)))[1 + at]
 
 
 def answer(
     context: str, windows: list[Window], logits: list[tuple[np.ndarray, np.ndarray]], options: QAOptions
 ) -> QAResult:
-    """Reconcile the windows' start/end logits into top_k answers and the no-answer decision.
+    """One question's answers (see `answer_batch`)."""
+    return answer_batch([context], [windows], [logits], options)[0]
 
-    Candidates are ranked by start+end logit sum; a character span found by several pairs (several
-    windows, or tokens of one word) counts once, with its best pair. All in numpy: per-window work is a
-    few array operations whatever the number of pairs, so post-processing keeps up with a GPU.
+
+def answer_batch(
+    contexts: list[str],
+    windows: list[list[Window]],
+    logits: list[list[tuple[np.ndarray, np.ndarray]]],
+    options: QAOptions,
+) -> list[QAResult]:
+    """Reconcile each question's windows' start/end logits into top_k answers and the no-answer decision.
+
+    Per window, the N_BEST best starts and ends (a stable sort: on equal logits the earlier token) make a
+    grid of candidate pairs; valid ones (end after start, at most max_answer_len tokens) are ranked by
+    start+end logit sum, with a span probability from softmaxes over [CLS] and the context tokens. A
+    character span found by several pairs (several windows, or tokens of one word) counts once, with its
+    best pair; on equal sums, the span whose first pair came first (window, start rank, end rank) ranks
+    first. A request's windows are worked as one padded matrix, so the cost is a few dozen array
+    operations per request, not per window or per pair: post-processing keeps up with a GPU.
     """
-    min_null = float("inf")
-    sums, probs, chars = [], [], []
-    for w, (window, (start_logits, end_logits)) in enumerate(zip(windows, logits, strict=True)):
-        n = window.length
-        start_logits, end_logits = start_logits[:n].astype(np.float64), end_logits[:n].astype(np.float64)
-        if not math.isfinite(float(start_logits.sum() + end_logits.sum())):
-            raise NonFiniteLogits(f"window {w}: the model produced non-finite logits")
-        min_null = min(min_null, float(start_logits[0] + end_logits[0]))
-        pair_sums, pair_probs, pair_chars = _window_candidates(
-            context, window, start_logits, end_logits, options
+    flat = [window for ws in windows for window in ws]
+    if not flat:
+        return [_result([], float("inf"), float("-inf"), options) for _ in contexts]
+    flat_logits = [
+        pair for ws, ls in zip(windows, logits, strict=True) for _, pair in zip(ws, ls, strict=True)
+    ]
+    _check_finite(windows, logits)
+    count = len(flat)
+    item = np.repeat(np.arange(len(contexts)), [len(ws) for ws in windows])
+    width = np.fromiter((w.context_end + 1 - w.context_start for w in flat), np.int64, count)
+    # Column 0: [CLS]; then the context tokens, padded with -inf (exp(-inf) = 0, sorted last).
+    start_grid = np.full((count, 1 + int(width.max())), -np.inf)
+    end_grid = start_grid.copy()
+    for k, (window, (start_logits, end_logits)) in enumerate(zip(flat, flat_logits, strict=True)):
+        lo, hi = window.context_start, window.context_end + 1
+        start_grid[k, 0], end_grid[k, 0] = start_logits[0], end_logits[0]
+        start_grid[k, 1 : 1 + hi - lo] = start_logits[lo:hi]
+        end_grid[k, 1 : 1 + hi - lo] = end_logits[lo:hi]
+    null = start_grid[:, 0] + end_grid[:, 0]
+    best_n = min(N_BEST, int(width.max()))
+    starts = np.argsort(-start_grid[:, 1:], axis=1, kind="stable")[:, :best_n]  # context-relative
+    ends = np.argsort(-end_grid[:, 1:], axis=1, kind="stable")[:, :best_n]
+    length = ends[:, None, :] - starts[:, :, None] + 1
+    valid = (length >= 1) & (length <= options.max_answer_len)
+    valid &= (starts < width[:, None])[:, :, None] & (ends < width[:, None])[:, None, :]
+    k, rows, cols = np.nonzero(valid)  # the loop order: window, start rank, end rank
+    s, e = starts[k, rows], ends[k, cols]
+    sums = start_grid[k, 1 + s] + end_grid[k, 1 + e]
+    probs = _probabilities(start_grid, width, k, s) * _probabilities(end_grid, width, k, e)
+    pair_item = item[k]
+    chars = _chars(contexts, flat, pair_item, k, s, e, options)
+    min_null = np.full(len(contexts), np.inf)
+    np.minimum.at(min_null, item, null)
+    best = np.full(len(contexts), -np.inf)
+    np.maximum.at(best, pair_item, sums)
+    ranked = _rank(pair_item, sums, chars, max(len(c) for c in contexts) + 2)
+    place = np.arange(len(ranked)) - np.searchsorted(pair_item[ranked], pair_item[ranked])  # rank in item
+    answers: list[list[Answer]] = [[] for _ in contexts]
+    for i in ranked[place < options.top_k].tolist():
+        context, begin, stop = contexts[pair_item[i]], int(chars[i, 0]), int(chars[i, 1])
+        answers[pair_item[i]].append(
+            Answer(context[begin:stop], float(probs[i]), begin, stop, logit_sum=float(sums[i]))
         )
-        sums.append(pair_sums)
-        probs.append(pair_probs)
-        chars.append(pair_chars)
-    ranked: list[Answer] = []
-    best = float("-inf")
-    total = sum(len(x) for x in sums)
-    if total:
-        sums_all, probs_all, chars_all = np.concatenate(sums), np.concatenate(probs), np.concatenate(chars)
-        keys = chars_all[:, 0] * (len(context) + 2) + chars_all[:, 1]
-        loop = np.arange(total)  # position in the per-pair loop order (window, start rank, end rank)
-        best = float(sums_all.max())
-        # Group pairs by character span; in each, the best pair first (earliest on equal sums).
-        order = np.lexsort((loop, -sums_all, keys))
-        sorted_keys = keys[order]
-        first = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
-        kept = order[first]
-        # A span's place among equal sums: where it first appeared in the loop (a stable sort of spans).
-        appeared = np.minimum.reduceat(loop[order], first)
-        for i in kept[np.lexsort((appeared, -sums_all[kept]))][: options.top_k]:
-            start, end = int(chars_all[i, 0]), int(chars_all[i, 1])
-            ranked.append(
-                Answer(context[start:end], float(probs_all[i]), start, end, logit_sum=float(sums_all[i]))
-            )
+    return [_result(a, float(n), float(b), options) for a, n, b in zip(answers, min_null, best, strict=True)]
+
+
+def _check_finite(windows: list[list[Window]], logits: list[list[tuple[np.ndarray, np.ndarray]]]) -> None:
+    """Every logit of every window finite (one check for the request; the slow search only on failure)."""
+    every = [
+        x[: w.length]
+        for ws, ls in zip(windows, logits, strict=True)
+        for w, pair in zip(ws, ls, strict=True)
+        for x in pair
+    ]
+    if np.isfinite(np.concatenate(every)).all():
+        return
+    for ws, ls in zip(windows, logits, strict=True):
+        for w, (window, pair) in enumerate(zip(ws, ls, strict=True)):
+            if not all(np.isfinite(x[: window.length]).all() for x in pair):
+                raise NonFiniteLogits(f"window {w}: the model produced non-finite logits")
+
+
+def _probabilities(grid: np.ndarray, width: np.ndarray, k: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """softmax over each window's [CLS] and context logits, at context positions `at` of windows `k`.
+    Each window's sum runs over exactly its own tokens (the padding adds nothing, but the order of a
+    pairwise sum depends on the length: the probabilities equal the per-window softmax's to the bit)."""
+    e = np.exp(grid - grid.max(axis=1, keepdims=True))
+    total = np.fromiter((e[w, : 1 + m].sum() for w, m in enumerate(width.tolist())), np.float64, len(width))
+    return e[k, 1 + at] / total[k]
+
+
+def _chars(contexts, windows, item, window, s, e, options: QAOptions) -> np.ndarray:
+    """(pairs, 2) character spans of the pairs (`window`: their window; `s`, `e`: their start and end
+    token in its context): whole words when aligning, never ending inside a character (past marks)."""
+    spans = np.concatenate([w.word_spans if options.align_to_words else w.offsets for w in windows])
+    lengths = np.fromiter((w.length for w in windows), np.int64, len(windows))
+    firsts = np.fromiter((w.context_start for w in windows), np.int64, len(windows))
+    at = (np.cumsum(lengths) - lengths + firsts)[window]  # each pair's window's first context token
+    chars = np.stack([spans[at + s, 0], spans[at + e, 1]], axis=1)
+    for i, context in enumerate(contexts):
+        if context.isascii():  # ASCII has no combining marks to step over
+            continue
+        mine = np.flatnonzero(item == i)
+        ends, inverse = np.unique(chars[mine, 1], return_inverse=True)
+        moved = np.fromiter((_through_marks(context, int(end)) for end in ends), np.int64, len(ends))
+        chars[mine, 1] = moved[inverse]
+    return chars
+
+
+def _rank(item: np.ndarray, sums: np.ndarray, chars: np.ndarray, stride: int) -> np.ndarray:
+    """Pairs to answer from, item by item, best first: each character span once (its best pair, the
+    earliest on equal sums); spans with equal sums in the order they first appeared."""
+    if not len(sums):
+        return np.empty(0, np.int64)
+    span = (item * stride + chars[:, 0]) * stride + chars[:, 1]
+    order = np.lexsort((-sums, span))  # stable: equal (span, sum) stay in loop order
+    ordered = span[order]
+    heads = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    kept = order[heads]
+    appeared = np.minimum.reduceat(order, heads)  # where each span first appeared in the loop
+    return kept[np.lexsort((appeared, -sums[kept], item[kept]))]
+
+
+def _result(answers: list[Answer], min_null: float, best: float, options: QAOptions) -> QAResult:
     null_score_diff = min_null - best
     is_impossible = options.handle_impossible_answer and (
-        not ranked or null_score_diff > options.null_threshold
+        not answers or null_score_diff > options.null_threshold
     )
-    return QAResult(answers=ranked, is_impossible=bool(is_impossible), null_score_diff=null_score_diff)
+    return QAResult(answers=answers, is_impossible=bool(is_impossible), null_score_diff=null_score_diff)
