@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 
 from packer.artifact import QA
 from packer.runtime.backends.base import default_threads
 from service.batching import Batcher, BatchLimits
+from service.cpu_pool import ProcessCpuPool, ThreadCpuPool, make_pool
 from service.errors import BadRequest, ModelNotFound, NotReady
 from service.metrics import Metrics
 from service.registry import RegistryError, Reload, ServedModel, load_models, reload_models
@@ -28,7 +28,7 @@ class Engine:
     failed: dict[str, str] = field(default_factory=dict)  # name -> why it is not served
     ready: bool = False
     batcher: Batcher | None = None
-    pool: ThreadPoolExecutor | None = None
+    cpu: ThreadCpuPool | ProcessCpuPool | None = None  # tokenization and post-processing
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -40,27 +40,35 @@ class Engine:
         if not self.models:
             reasons = "; ".join(self.failed.values())
             raise RegistryError(f"no model could be loaded: {reasons}")
+        workers = self.cpu_workers()
+        # a worker process holds the windows of requests in flight: as many as the queues hold, and more
+        self.cpu = make_pool(self.cpu_pool_kind(workers), workers, max_windows=4 * self.settings.queue_size)
         for model in self.models.values():
             self._serve(model)
         self._mark_failed(self.failed)
         self.batcher.start()
-        # Tokenization and post-processing release the GIL in their heavy parts (the tokenizers library,
-        # numpy): a few threads keep a GPU fed (docs/performance.md has the measured rates).
-        self.pool = ThreadPoolExecutor(max_workers=self.cpu_workers(), thread_name_prefix="tokenize")
         self.ready = True
+
+    def _on_cuda(self) -> bool:
+        return any(m.backend.device == "cuda" for m in self.models.values())
 
     def cpu_workers(self) -> int:
         if self.settings.cpu_workers:
             return self.settings.cpu_workers
-        on_cuda = any(m.backend.device == "cuda" for m in self.models.values())
-        return min(4, default_threads()) if on_cuda else 1
+        return min(4, default_threads()) if self._on_cuda() else 1
+
+    def cpu_pool_kind(self, workers: int) -> str:
+        """Threads or processes for the CPU side (docs/performance.md has the measured rates of each)."""
+        if self.settings.cpu_pool != "auto":
+            return self.settings.cpu_pool
+        return "processes" if self._on_cuda() and workers > 1 else "threads"
 
     def stop(self) -> None:
         self.ready = False
         if self.batcher is not None:
             self.batcher.stop(timeout=self.settings.graceful_shutdown_s)
-        if self.pool is not None:
-            self.pool.shutdown(wait=False)
+        if self.cpu is not None:
+            self.cpu.shutdown()
 
     @property
     def is_ready(self) -> bool:
@@ -81,6 +89,7 @@ class Engine:
         )
 
     def _serve(self, model: ServedModel, replacing: ServedModel | None = None) -> None:
+        self.cpu.install(model.key, model.tokenizer)
         self.batcher.register(model.key, model.backend.run, model.pad_id, self.limits_for(model), model.name)
         if replacing is not None:
             self._retire(replacing)
@@ -92,6 +101,7 @@ class Engine:
 
     def _retire(self, model: ServedModel) -> None:
         self.batcher.retire(model.key)  # in-flight windows finish on it
+        self.cpu.retire(model.key)
         with suppress(KeyError):
             self.metrics.model_info.remove(model.name, model.variant, model.backend.name, str(model.params))
 
@@ -138,6 +148,3 @@ class Engine:
         served = [m.describe() for m in self.models.values()]
         failed = [{"name": name, "state": "failed", "reason": why} for name, why in self.failed.items()]
         return sorted(served + failed, key=lambda m: m["name"])
-
-    async def off_loop(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)

@@ -77,6 +77,10 @@ class ModelUnavailable(ServiceError):
     """The model was replaced while the request was prepared."""
 
 
+class CpuWorkerLost(ServiceError):
+    """A tokenization worker process died with this request in it (it is started again)."""
+
+
 class DeadlineExceeded(ServiceError):
     """The request's deadline passed before its windows ran."""
 
@@ -102,6 +106,7 @@ STATUS: dict[type[ServiceError], tuple[int, str]] = {
     InternalError: (500, "internal_error"),
     NotReady: (503, "not_ready"),
     ModelUnavailable: (503, "model_unavailable"),
+    CpuWorkerLost: (503, "worker_restarting"),
     DeadlineExceeded: (504, "deadline_exceeded"),
 }
 

@@ -113,43 +113,38 @@ async def run_qa(
             f"({model.max_window} tokens)"
         )
 
-    def tokenize():
-        try:
-            pairs = [(it.question, it.context) for it in items]
-            return qa.make_windows_batch(model.tokenizer, pairs, options)
-        except qa.QAInputError as exc:
-            raise InvalidInput(str(exc)) from None
-
     start = time.perf_counter()
-    windows = await rt.off_loop(tokenize)
+    pairs = [(it.question, it.context) for it in items]
+    try:
+        prepared = await rt.cpu.prepare_qa(model.key, model.tokenizer, pairs, options)
+    except qa.QAInputError as exc:
+        raise InvalidInput(str(exc)) from None
     rt.metrics.tokenize.labels(model.name).observe(time.perf_counter() - start)
-    work = make_work(rt, model, [w for ws in windows for w in ws], deadline)
-    rt.batcher.submit(model.key, work)
-    if request is not None:
-        request.scope["windows"] = len(work)  # for the access log
-    outputs = await _await_all(work, request, deadline)
-
-    def postprocess():
-        logits, at = [], 0
-        for ws in windows:
-            logits.append([(o["start_logits"], o["end_logits"]) for o in outputs[at : at + len(ws)]])
-            at += len(ws)
-        try:
-            found = qa.answer_batch([it.context for it in items], windows, logits, options)
-        except qa.NonFiniteLogits as exc:
-            raise InferenceFailed(f"model {model.name}: {exc}; the variant or device is broken") from None
-        return [
-            QAResultOut(
-                answers=[
-                    QAAnswer(answer=a.answer, score=a.score, start=a.start, end=a.end) for a in r.answers
-                ],
-                is_impossible=r.is_impossible,
-                null_score_diff=r.null_score_diff if math.isfinite(r.null_score_diff) else 0.0,
-            )
-            for r in found
-        ]
-
-    return await rt.off_loop(postprocess)
+    try:
+        work = make_work(rt, model, [w for ws in prepared.inputs for w in ws], deadline)
+        rt.batcher.submit(model.key, work)
+        if request is not None:
+            request.scope["windows"] = len(work)  # for the access log
+        outputs = await _await_all(work, request, deadline)
+    except BaseException:  # refused, timed out, client gone, cancelled: nothing will ask for answers
+        rt.cpu.forget(prepared)
+        raise
+    logits, at = [], 0
+    for ws in prepared.inputs:
+        logits.append([(o["start_logits"], o["end_logits"]) for o in outputs[at : at + len(ws)]])
+        at += len(ws)
+    try:
+        found = await rt.cpu.answer_qa(prepared, [it.context for it in items], logits, options)
+    except qa.NonFiniteLogits as exc:
+        raise InferenceFailed(f"model {model.name}: {exc}; the variant or device is broken") from None
+    return [
+        QAResultOut(
+            answers=[QAAnswer(answer=a.answer, score=a.score, start=a.start, end=a.end) for a in r.answers],
+            is_impossible=r.is_impossible,
+            null_score_diff=r.null_score_diff if math.isfinite(r.null_score_diff) else 0.0,
+        )
+        for r in found
+    ]
 
 
 async def run_classify(
@@ -166,11 +161,9 @@ async def run_classify(
     check_sizes(rt.settings, len(items), texts)
     max_seq_len = min(max_seq_len or model.max_window, model.max_window)
 
-    def tokenize():
-        return [classify.encode(model.tokenizer, it.text, it.text_pair, max_seq_len) for it in items]
-
     start = time.perf_counter()
-    encoded = await rt.off_loop(tokenize)
+    pairs = [(it.text, it.text_pair) for it in items]
+    encoded = await rt.cpu.classify_inputs(model.key, model.tokenizer, pairs, max_seq_len)
     rt.metrics.tokenize.labels(model.name).observe(time.perf_counter() - start)
     work = make_work(rt, model, encoded, deadline)
     rt.batcher.submit(model.key, work)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,9 +48,16 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=64,
-        description="threads that tokenize requests and turn logits into answers, beside the inference "
-        "worker (the tokenizers library and numpy release the GIL); 0: 1 when every model runs on the "
-        "CPU (inference has the cores), up to 4 when one runs on CUDA",
+        description="threads or processes (cpu_pool) that tokenize requests and turn logits into answers, "
+        "beside the inference worker; 0: 1 when every model runs on the CPU (inference has the cores), "
+        "up to 4 when one runs on CUDA",
+    )
+    cpu_pool: Literal["auto", "threads", "processes"] = Field(
+        "auto",
+        description="threads share the models' tokenizers but hold the GIL in windows assembly and "
+        "post-processing (a second thread adds little); processes scale with cores, each with its own "
+        "tokenizers and context cache (memory x workers); auto: processes when a model runs on CUDA and "
+        "there is more than one worker, else threads",
     )
     context_cache_tokens: int = Field(
         1_000_000,

@@ -62,6 +62,16 @@ class PairTemplate:
     second_type: int
 
 
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What rebuilds a TextTokenizer in another process (the service's tokenization workers)."""
+
+    json: str
+    pad_token_id: int
+    token_types: bool
+    cache_tokens: int
+
+
 class PlainCache:
     """Recently seen texts' encodings (SQuAD-style traffic asks many questions of one context), bounded
     by the tokens it holds; least recently used first out. Thread-safe."""
@@ -121,6 +131,16 @@ class TextTokenizer:
             tokenizer.pad_token_id or 0,
             "token_type_ids" in getattr(tokenizer, "model_input_names", ["token_type_ids"]),
         )
+
+    def spec(self) -> TokenizerSpec:
+        cache_tokens = self._cache.max_tokens if self._cache is not None else 0
+        return TokenizerSpec(self._json, self.pad_token_id, self.token_types, cache_tokens)
+
+    @classmethod
+    def from_spec(cls, spec: TokenizerSpec) -> TextTokenizer:
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_str(spec.json), spec.pad_token_id, spec.token_types, spec.cache_tokens)
 
     def num_special_tokens(self, pair: bool) -> int:
         return self._specials[pair]

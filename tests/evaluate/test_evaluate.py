@@ -284,3 +284,19 @@ def test_eval_needs_exactly_one_target(tmp_path, capsys):
     assert "exactly one of" in capsys.readouterr().err
     assert main(["eval", "squad2", "-q", "--data", str(data), "--url", "http://127.0.0.1:9"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_cpu_side_benchmark_counts_the_same_windows_in_threads_and_processes(bert_qa_packed, tmp_path):
+    from packer.evaluate import cpu_side_bench
+    from packer.runtime.samples import QA_PAIRS
+
+    paragraphs = [{"context": c, "qas": [{"question": q, "id": str(i)}]} for i, (q, c) in enumerate(QA_PAIRS)]
+    data = tmp_path / "squad.json"
+    data.write_text(json.dumps({"data": [{"title": "t", "paragraphs": paragraphs * 3}]}))
+    figures = cpu_side_bench.run(str(bert_qa_packed), str(data), 100, 4, ["threads", "processes"], [1, 2], 1)
+    for workload in ("dataset order", "distinct contexts"):
+        runs = [v for k, v in figures[workload].items() if "=" in k]
+        assert len(runs) == 4 and len({r["windows"] for r in runs}) == 1 and runs[0]["windows"] >= 4
+        assert all(
+            0 < r["windows_per_s_min"] <= r["windows_per_s_median"] <= r["windows_per_s_max"] for r in runs
+        )

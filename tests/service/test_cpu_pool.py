@@ -1,0 +1,158 @@
+"""The CPU side in worker processes (PRUNE_SERVE_CPU_POOL=processes): the same answers as threads, every
+served model's tokenizer in every worker (reload included), and a worker that dies costs only its own
+requests a 503 before it is started again. Real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from packer.runtime.samples import QA_PAIRS, SENTENCES
+from tests.serving import Server, poll
+
+LONG = " ".join(c for _, c in QA_PAIRS) * 3  # several windows at max_seq_len 96
+ITEMS = [{"question": q, "context": c} for q, c in QA_PAIRS] + [{"question": QA_PAIRS[0][0], "context": LONG}]
+
+
+def workers_of(srv: Server) -> list[int]:
+    """The server's worker processes (multiprocessing's spawned children, not its resource tracker)."""
+    children = []
+    for task in Path(f"/proc/{srv.proc.pid}/task").iterdir():  # a child belongs to the thread that made it
+        try:
+            children += (task / "children").read_text().split()
+        except OSError:
+            continue  # the thread ended
+    alive = [p for p in children if Path(f"/proc/{p}").is_dir()]
+    return sorted(int(p) for p in alive if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text())
+
+
+def ask(srv: Server, model: str = "qa") -> httpx.Response:
+    body = {"items": ITEMS, "top_k": 3, "max_seq_len": 96, "doc_stride": 32}
+    return httpx.post(f"{srv.url}/v1/models/{model}/qa", json=body, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def both(models_dir, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    threads = Server(models_dir, logs / "threads.log", cpu_pool="threads", cpu_workers=1)
+    try:
+        processes = Server(models_dir, logs / "processes.log", cpu_pool="processes", cpu_workers=2)
+    except Exception:
+        threads.stop()
+        raise
+    yield threads, processes
+    threads.stop()
+    processes.stop()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads worker processes from /proc")
+def test_processes_answer_as_threads_do(both):
+    threads, processes = both
+    assert len(workers_of(processes)) == 2 and workers_of(threads) == []
+    for model in ("qa", "qa-torch"):
+        a, b = ask(threads, model), ask(processes, model)
+        assert a.status_code == b.status_code == 200, b.text
+        assert a.json()["results"] == b.json()["results"]
+        assert len(b.json()["results"][-1]["answers"]) == 3
+    body = {"items": [{"text": s} for s in SENTENCES], "return_all_scores": True}
+    a, b = (httpx.post(f"{s.url}/v1/models/cls/classify", json=body, timeout=60) for s in both)
+    assert a.status_code == b.status_code == 200 and a.json()["results"] == b.json()["results"]
+    # Refusals raised in a worker arrive as the same 4xx.
+    bad = {"question": "why " * 200, "context": "short", "max_seq_len": 96}
+    r = httpx.post(f"{processes.url}/v1/models/qa/qa", json=bad, timeout=60)
+    assert r.status_code == 422 and "shorten the question" in r.json()["error"]["message"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads worker processes from /proc")
+def test_a_dead_worker_fails_only_its_requests_and_is_started_again(both):
+    _, processes = both
+    victim = workers_of(processes)[0]
+    os.kill(victim, signal.SIGKILL)
+    statuses = []
+    for _ in range(6):
+        r = ask(processes)
+        statuses.append(r.status_code)
+        if r.status_code == 503:
+            assert r.json()["error"]["type"] == "worker_restarting" and r.headers["Retry-After"] == "1"
+    # Jobs take turns over the workers: the dead one gets exactly one request's job, then is replaced.
+    assert sorted(statuses) == [200] * 5 + [503], statuses
+    poll(lambda: len(workers_of(processes)) == 2 and victim not in workers_of(processes), 30)
+    assert all(ask(processes).status_code == 200 for _ in range(4))  # both workers have the tokenizers
+
+
+def test_reloaded_models_reach_every_worker(models_dir, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(models_dir / "qa-torch", root / "m")
+    srv = Server(root, tmp_path / "serve.log", cpu_pool="processes", cpu_workers=2, open_admin="true")
+    try:
+        assert ask(srv, "m").status_code == 200
+        shutil.copytree(models_dir / "qa", root / "second")
+        shutil.rmtree(root / "m")
+        shutil.copytree(models_dir / "qa", root / "m")  # a new version: a new key, the old one retired
+        r = httpx.post(srv.url + "/v1/admin/reload", timeout=120)
+        assert r.status_code == 200 and sorted(r.json()["loaded"]) == ["m", "second"], r.text
+        # Requests spread over both workers (fewest outstanding first): every one has both tokenizers.
+        for model in ("m", "second", "m", "second"):
+            assert ask(srv, model).status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_windows_held_by_a_worker_are_answered_once_forgotten_or_dropped(bert_qa_packed):
+    """The pool itself, with real worker processes: answers equal the in-process ones; a request that
+    ends without answers is forgotten; beyond the bound the oldest request's windows go (a 503 for it,
+    never memory without end)."""
+    import asyncio
+
+    import numpy as np
+
+    import packer
+    from packer.runtime.tasks import qa
+    from service.cpu_pool import ProcessCpuPool
+    from service.errors import CpuWorkerLost
+
+    tokenizer = packer.load(bert_qa_packed).tokenizer
+    options = qa.QAOptions(top_k=2, max_seq_len=96, doc_stride=32)
+    pairs = [(q, c) for q, c in QA_PAIRS] + [(QA_PAIRS[0][0], LONG)]
+    contexts = [c for _, c in pairs]
+    expected_windows = qa.make_windows_batch(tokenizer, pairs, options)
+    windows_per_request = sum(map(len, expected_windows))
+    pool = ProcessCpuPool(1, max_windows=2 * windows_per_request)
+
+    def logits_for(inputs, seed=0):
+        rng = np.random.default_rng(seed)
+        return [[(rng.normal(0, 3, w.length).astype(np.float32),) * 2 for w in ws] for ws in inputs]
+
+    async def scenario():
+        first = await pool.prepare_qa("m", tokenizer, pairs, options)
+        assert [[w.input_ids.tolist() for w in ws] for ws in first.inputs] == [
+            [w.input_ids.tolist() for w in ws] for ws in expected_windows
+        ]
+        logits = logits_for(first.inputs)
+        got = await pool.answer_qa(first, contexts, logits, options)
+        assert got == qa.answer_batch(contexts, expected_windows, logits, options)
+        with pytest.raises(CpuWorkerLost, match="no longer holds"):  # answered once: then forgotten
+            await pool.answer_qa(first, contexts, logits, options)
+
+        gone = await pool.prepare_qa("m", tokenizer, pairs, options)
+        pool.forget(gone)  # refused or timed out: nothing will ask
+        with pytest.raises(CpuWorkerLost, match="no longer holds"):
+            await pool.answer_qa(gone, contexts, logits_for(gone.inputs), options)
+
+        # Three requests in flight, room for two: the oldest is dropped, the others still answer.
+        held = [await pool.prepare_qa("m", tokenizer, pairs, options) for _ in range(3)]
+        with pytest.raises(CpuWorkerLost):
+            await pool.answer_qa(held[0], contexts, logits_for(held[0].inputs), options)
+        for p in held[1:]:
+            assert len(await pool.answer_qa(p, contexts, logits_for(p.inputs), options)) == len(pairs)
+
+    pool.install("m", tokenizer)
+    try:
+        asyncio.run(scenario())
+    finally:
+        pool.shutdown()
