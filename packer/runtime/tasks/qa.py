@@ -336,10 +336,12 @@ def _chars(contexts, windows, item, window, s, e, options: QAOptions) -> np.ndar
     for i, context in enumerate(contexts):
         if context.isascii():  # ASCII has no combining marks to step over
             continue
-        mine = np.flatnonzero(item == i)
-        ends, inverse = np.unique(chars[mine, 1], return_inverse=True)
-        moved = np.fromiter((_through_marks(context, int(end)) for end in ends), np.int64, len(ends))
-        chars[mine, 1] = moved[inverse]
+        # Only an end at a character from U+0300 on (where combining marks start) can move: look those up.
+        codes = np.frombuffer(context.encode("utf-32-le"), np.uint32)
+        ends = chars[:, 1]
+        maybe = np.flatnonzero((item == i) & (ends < len(codes)))
+        maybe = maybe[codes[ends[maybe]] >= 0x300]
+        chars[maybe, 1] = [_through_marks(context, int(end)) for end in ends[maybe]]
     return chars
 
 
