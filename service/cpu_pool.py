@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import multiprocessing
+import os
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -114,6 +115,9 @@ class WindowsDropped(LookupError):
 
 def _configure(max_windows: int) -> None:
     _LIMIT["windows"] = max_windows
+    # The workers are the parallelism (one per core given): the tokenizers library's own thread pool in
+    # each would put several threads on every core.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def _install(key: str, spec: TokenizerSpec) -> None:
