@@ -206,7 +206,7 @@ class ThreadCpuPool:
         return await self._run(classify_inputs, tokenizer, items, max_seq_len)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False)
 
 
 class ProcessCpuPool:
@@ -222,8 +222,9 @@ class ProcessCpuPool:
         self._turn = 0
         self._tokens = itertools.count(1)
         self._specs: dict[str, TokenizerSpec] = {}
-        for executor in self._executors:  # start them now, not on the first request
-            executor.submit(_configure, max_windows).result()
+        started = [executor.submit(_configure, max_windows) for executor in self._executors]
+        for future in started:  # all start at once, now, not on the first request
+            future.result()
 
     def _start(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=1, mp_context=self._context)

@@ -290,6 +290,11 @@ def test_manifests_fit_together_and_the_service(overlay):
             container["image"].endswith(":cuda") and container["resources"]["limits"]["nvidia.com/gpu"] == "1"
         )
         assert env["PRUNE_SERVE_DEVICE"] == "cuda"
+        # The CPU side in processes (threads stop at ~2,000 windows/s, the GIL), one core left for the
+        # event loop and the inference worker: a CPU quota does not shrink the affinity mask the
+        # default reads, so the count is set.
+        cpus = int(container["resources"]["limits"]["cpu"])
+        assert env["PRUNE_SERVE_CPU_POOL"] == "processes" and int(env["PRUNE_SERVE_CPU_WORKERS"]) == cpus - 1
 
 
 # -- a real Prometheus scraping a real service -----------------------------------------------------
