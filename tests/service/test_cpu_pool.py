@@ -156,3 +156,15 @@ def test_windows_held_by_a_worker_are_answered_once_forgotten_or_dropped(bert_qa
         asyncio.run(scenario())
     finally:
         pool.shutdown()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads worker processes from /proc")
+def test_sigterm_stops_the_workers_too(models_dir, tmp_path):
+    srv = Server(models_dir, tmp_path / "serve.log", cpu_pool="processes", cpu_workers=2)
+    try:
+        workers = workers_of(srv)
+        assert len(workers) == 2 and ask(srv).status_code == 200
+        assert srv.terminate() == 0, srv.log.read_text()
+        poll(lambda: not any(Path(f"/proc/{p}").is_dir() for p in workers), 30)  # no orphans left
+    finally:
+        srv.stop()
