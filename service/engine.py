@@ -42,7 +42,9 @@ class Engine:
             raise RegistryError(f"no model could be loaded: {reasons}")
         workers = self.cpu_workers()
         # a worker process holds the windows of requests in flight: as many as the queues hold, and more
-        self.cpu = make_pool(self.cpu_pool_kind(workers), workers, max_windows=4 * self.settings.queue_size)
+        kind = self.cpu_pool_kind(workers)
+        self.cpu = make_pool(kind, workers, max_windows=4 * self.settings.queue_size)
+        log.info("tokenization and post-processing: %d %s", workers, kind)
         for model in self.models.values():
             self._serve(model)
         self._mark_failed(self.failed)
