@@ -174,7 +174,7 @@ def _classify(key: str, items: list[tuple[str, str | None]], max_seq_len: int):
 class ThreadCpuPool:
     kind = "threads"
 
-    def __init__(self, workers: int, max_windows: int = 0):
+    def __init__(self, workers: int):
         self.workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
 

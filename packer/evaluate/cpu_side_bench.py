@@ -40,13 +40,6 @@ def requests_of(data: str, questions: int, items: int, distinct: bool = False) -
     return [pairs[i : i + items] for i in range(0, len(pairs), items)]
 
 
-def serve_request(tokenizer, pairs: list[tuple[str, str]], options: qa.QAOptions, seed: int) -> int:
-    """What one request costs the handlers, in one thread: batched windows, then answers from logits."""
-    windows = qa.make_windows_batch(tokenizer, pairs, options)
-    qa.answer_batch([context for _, context in pairs], windows, random_logits(windows, seed), options)
-    return sum(len(ws) for ws in windows)
-
-
 def random_logits(windows: list[list], seed: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
     rng = np.random.default_rng(seed)
     return [[(rng.normal(0, 3, w.length).astype(np.float32),) * 2 for w in ws] for ws in windows]

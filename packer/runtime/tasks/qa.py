@@ -260,9 +260,9 @@ def answer_batch(
     flat_logits = [
         pair for ws, ls in zip(windows, logits, strict=True) for _, pair in zip(ws, ls, strict=True)
     ]
-    _check_finite(windows, logits)
     count = len(flat)
     item = np.repeat(np.arange(len(contexts)), [len(ws) for ws in windows])
+    _check_finite(flat, flat_logits, item)
     width = np.fromiter((w.context_end + 1 - w.context_start for w in flat), np.int64, count)
     # Column 0: [CLS]; then the context tokens, padded with -inf (exp(-inf) = 0, sorted last).
     start_grid = np.full((count, 1 + int(width.max())), -np.inf)
@@ -300,20 +300,18 @@ def answer_batch(
     return [_result(a, float(n), float(b), options) for a, n, b in zip(answers, min_null, best, strict=True)]
 
 
-def _check_finite(windows: list[list[Window]], logits: list[list[tuple[np.ndarray, np.ndarray]]]) -> None:
-    """Every logit of every window finite (one check for the request; the slow search only on failure)."""
-    every = [
-        x[: w.length]
-        for ws, ls in zip(windows, logits, strict=True)
-        for w, pair in zip(ws, ls, strict=True)
-        for x in pair
-    ]
+def _check_finite(
+    windows: list[Window], logits: list[tuple[np.ndarray, np.ndarray]], item: np.ndarray
+) -> None:
+    """Every logit of every window finite (one check for the request; the slow search only on failure,
+    naming the window by its place in its question's windows)."""
+    every = [x[: w.length] for w, pair in zip(windows, logits, strict=True) for x in pair]
     if np.isfinite(np.concatenate(every)).all():
         return
-    for ws, ls in zip(windows, logits, strict=True):
-        for w, (window, pair) in enumerate(zip(ws, ls, strict=True)):
-            if not all(np.isfinite(x[: window.length]).all() for x in pair):
-                raise NonFiniteLogits(f"window {w}: the model produced non-finite logits")
+    for k, (window, pair) in enumerate(zip(windows, logits, strict=True)):
+        if not all(np.isfinite(x[: window.length]).all() for x in pair):
+            w = k - int(np.searchsorted(item, item[k]))  # windows of earlier questions come first
+            raise NonFiniteLogits(f"window {w}: the model produced non-finite logits")
 
 
 def _probabilities(grid: np.ndarray, width: np.ndarray, k: np.ndarray, at: np.ndarray) -> np.ndarray:
