@@ -21,6 +21,21 @@ import numpy as np
 
 from packer.artifact import TOKENIZER, PackedConfig
 from packer.errors import ArtifactError
+from packer.runtime.wordpiece import WordPieceFastPath
+
+# Texts the fast path must encode exactly as the library before a tokenizer uses it: punctuation of
+# every kind, digits, case, words cut into pieces or unknown, runs of whitespace, an over-long word.
+FAST_PATH_CHECKS = (
+    "Where is it?",
+    "It is in the old town, by the river.",
+    "The Normans (Norman: Nourmands) gave their name to Normandy in the 10th and 11th centuries!",
+    "e-mail me@example.org: $1,595.50 (~20%) +/- 3;\t[x]{y}<z> `q` ^_^ |a|b\\c \"d\" 'e'\n\r\n",
+    "Supercalifragilisticexpialidocious hyperparameterization XQZJVK qzxv 3.14159265358979",
+    "Café owners in Zürich (東京, Москва) — naïve cafe\u0301s; Istanbul\u00a0Kelvin \u212a ok\x01ay\x0b.",
+    "x" * 120 + " " + "ab" * 60,
+    "   ",
+    "",
+)
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,8 @@ class TextTokenizer:
             for pair in (False, True)
         }
         self._cache = PlainCache(cache_tokens) if cache_tokens > 0 else None
+        self._fast = None
+        self._fast = self._checked_fast_path()
         self.template = self._pair_template()
 
     @classmethod
@@ -192,20 +209,46 @@ class TextTokenizer:
         return [len(ids) for ids in self.ids_batch(texts)]
 
     def ids_batch(self, texts: list[str]) -> list[np.ndarray]:
-        """Each text's token ids without special tokens, in one batched call."""
-        encoded = self._backend(None).encode_batch(texts, add_special_tokens=False)
-        return [np.asarray(e.ids, dtype=np.int64) for e in encoded]
+        """Each text's token ids without special tokens."""
+        return [plain.ids for plain in self._plains(texts)]
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether text is encoded by packer/runtime/wordpiece.py's fast path (BERT tokenizers)."""
+        return self._fast is not None
+
+    def _plains(self, texts: list[str]) -> list[Plain]:
+        """Each text encoded alone: through the fast path where the tokenizer has one, the rest in one
+        batched call of the library (which runs it without the GIL)."""
+        found = self._fast.plain_many(texts) if self._fast is not None else [None] * len(texts)
+        rest = [t for t, f in zip(texts, found, strict=True) if f is None]
+        encoded = iter(self._backend(None).encode_batch(rest, add_special_tokens=False) if rest else ())
+        return [_frozen(*f) if f is not None else _plain(next(encoded)) for f in found]
+
+    def _library_plain(self, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        plain = _plain(self._backend(None).encode(text, add_special_tokens=False))
+        return plain.ids, plain.offsets, plain.word_ids, plain.word_spans
+
+    def _checked_fast_path(self) -> WordPieceFastPath | None:
+        """The fast path, if this tokenizer has one and it encodes the check texts as the library does."""
+        fast = WordPieceFastPath.from_json(self._json, self._library_plain)
+        if fast is None:
+            return None
+        for text in FAST_PATH_CHECKS:
+            mine = fast.plain(text)
+            if mine is None or not all(map(np.array_equal, mine, self._library_plain(text))):
+                return None
+        return fast
 
     def plain_batch(self, texts: list[str], cached: bool = False) -> list[Plain]:
-        """Each text encoded alone without special tokens, in one batched call (the library runs it on
-        all cores without the GIL); with `cached`, texts seen recently are not encoded again."""
+        """Each text encoded alone without special tokens; with `cached`, texts seen recently are not
+        encoded again."""
         cache = self._cache if cached else None
         found = [cache.get(t) if cache else None for t in texts]
         missing = list(dict.fromkeys(t for t, f in zip(texts, found, strict=True) if f is None))
         fresh: dict[str, Plain] = {}
-        if missing:  # all cached (the common case of many questions about one context): no call at all
-            encoded = self._backend(None).encode_batch(missing, add_special_tokens=False)
-            fresh = {text: _plain(e) for text, e in zip(missing, encoded, strict=True)}
+        if missing:  # all cached (the common case of many questions about one context): nothing to encode
+            fresh = dict(zip(missing, self._plains(missing), strict=True))
         if cache:
             for text, plain in fresh.items():
                 cache.put(text, plain)
@@ -266,12 +309,11 @@ def _encoded(encoding) -> Encoded:
 def _plain(encoding) -> Plain:
     offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
     words = np.array([-1 if w is None else w for w in encoding.word_ids], dtype=np.int64)
-    plain = Plain(
-        ids=np.asarray(encoding.ids, dtype=np.int64),
-        offsets=offsets,
-        word_ids=words,
-        word_spans=word_spans(offsets, words),
-    )
+    return _frozen(np.asarray(encoding.ids, dtype=np.int64), offsets, words, word_spans(offsets, words))
+
+
+def _frozen(ids: np.ndarray, offsets: np.ndarray, words: np.ndarray, spans: np.ndarray) -> Plain:
+    plain = Plain(ids=ids, offsets=offsets, word_ids=words, word_spans=spans)
     for array in (plain.ids, plain.offsets, plain.word_ids, plain.word_spans):
         array.flags.writeable = False  # cached and shared by every request that sends this text
     return plain
