@@ -43,7 +43,8 @@ class Engine:
         workers = self.cpu_workers()
         # a worker process holds the windows of requests in flight: as many as the queues hold, and more
         kind = self.cpu_pool_kind(workers)
-        self.cpu = make_pool(kind, workers, max_windows=4 * self.settings.queue_size)
+        restarts = self.metrics.cpu_worker_restarts
+        self.cpu = make_pool(kind, workers, max_windows=4 * self.settings.queue_size, on_restart=restarts.inc)
         log.info("tokenization and post-processing: %d %s", workers, kind)
         for model in self.models.values():
             self._serve(model)

@@ -69,6 +69,11 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter("prune_serve_errors_total", "errors by type", ["model", "type"], registry=r)
+        self.cpu_worker_restarts = Counter(
+            "prune_serve_cpu_worker_restarts_total",
+            "tokenization worker processes that died and were started again (PRUNE_SERVE_CPU_POOL=processes)",
+            registry=r,
+        )
         self.model_state = Gauge(
             "prune_serve_model_ready",
             "1 while the model serves, 0 when it failed to load",
