@@ -104,9 +104,14 @@ def _tokenizer(key: str) -> TextTokenizer:
     return tokenizer
 
 
-def prepare(key: str, token: int, pairs: list[tuple[str, str]], options: qa.QAOptions):
+def prepare(key: str, token: int, pairs: list[tuple[str, str]], options: qa.QAOptions) -> PackedInputs:
     windows = qa.make_windows_batch(_tokenizer(key), pairs, options)
-    _PENDING[token] = ([context for _, context in pairs], windows)
+    return _hold(token, [context for _, context in pairs], windows)
+
+
+def _hold(token: int, contexts: list[str], windows: list[list[qa.Window]]) -> PackedInputs:
+    """Keep a request's windows until its logits come back (the oldest go first beyond the bound)."""
+    _PENDING[token] = (contexts, windows)
     _LIMIT["held"] += sum(map(len, windows))
     while _LIMIT["held"] > _LIMIT["windows"] and len(_PENDING) > 1:
         _, (_, dropped) = _PENDING.popitem(last=False)
@@ -122,16 +127,95 @@ def forget(token: int) -> tuple[list[str], list[list[qa.Window]]] | None:
     return found
 
 
+def _logits(windows: list[list[qa.Window]], starts: np.ndarray, ends: np.ndarray) -> list[list[tuple]]:
+    cut = np.cumsum([w.length for ws in windows for w in ws])[:-1]
+    pairs = iter(zip(np.split(starts, cut), np.split(ends, cut), strict=True))
+    return [[next(pairs) for _ in ws] for ws in windows]
+
+
 def answer(token: int, starts: np.ndarray, ends: np.ndarray, options: qa.QAOptions) -> list[qa.QAResult]:
     found = forget(token)
     if found is None:
         raise WindowsDropped(token)
     contexts, windows = found
-    lengths = [w.length for ws in windows for w in ws]
-    cut = np.cumsum(lengths)[:-1]
-    pairs = iter(zip(np.split(starts, cut), np.split(ends, cut), strict=True))
-    logits = [[next(pairs) for _ in ws] for ws in windows]
-    return qa.answer_batch(contexts, windows, logits, options)
+    return qa.answer_batch(contexts, windows, _logits(windows, starts, ends), options)
+
+
+# -- coalescing: jobs of several requests that wait together run as one call --------------------------
+# Under load a worker finds several requests' jobs waiting; tokenizing or answering them in one call
+# pays the per-call costs (a few dozen numpy calls, the tokenizer's array work) once. Results are each
+# request's own: every step works item by item (tests/runtime/test_answer.py checks batch against
+# single). If the merged call fails (one request's bad input), each job runs alone, so the failure
+# stays with its request.
+
+MAX_COALESCED_ITEMS = 64
+
+
+def _merge_key(name: str, args: tuple):
+    if name == "prepare":
+        return ("prepare", args[0], args[3])  # same model, same options
+    if name == "answer":
+        return ("answer", args[3])
+    return None
+
+
+def _prepare_many(jobs: list[tuple]) -> list[tuple]:
+    key, options = jobs[0][2][0], jobs[0][2][3]
+    pairs = [pair for _, _, args in jobs for pair in args[2]]
+    try:
+        windows = qa.make_windows_batch(_tokenizer(key), pairs, options)
+    except Exception:
+        return [_run_one(job) for job in jobs]
+    replies, at = [], 0
+    for job, _, (_, token, own, _) in jobs:
+        mine, at = windows[at : at + len(own)], at + len(own)
+        replies.append((job, None, _hold(token, [context for _, context in own], mine)))
+    return replies
+
+
+def _answer_many(jobs: list[tuple]) -> list[tuple]:
+    found = [forget(args[0]) for _, _, args in jobs]
+    held = [(job, f) for job, f in zip(jobs, found, strict=True) if f is not None]
+    gone = [job for job, f in zip(jobs, found, strict=True) if f is None]
+    replies = [(job, WindowsDropped(args[0]), None) for job, _, args in gone]
+    contexts = [c for _, (cs, _) in held for c in cs]
+    windows = [ws for _, (_, wss) in held for ws in wss]
+    logits = [ls for (_, _, args), (_, wss) in held for ls in _logits(wss, args[1], args[2])]
+    try:
+        results = qa.answer_batch(contexts, windows, logits, jobs[0][2][3]) if held else []
+    except Exception:  # answer each alone: the error stays with its request
+        for (job, _, args), (cs, wss) in held:
+            try:
+                replies.append((job, None, qa.answer_batch(cs, wss, _logits(wss, args[1], args[2]), args[3])))
+            except Exception as exc:
+                replies.append((job, exc, None))
+        return replies
+    at = 0
+    for (job, _, _), (cs, _) in held:
+        replies.append((job, None, results[at : at + len(cs)]))
+        at += len(cs)
+    return replies
+
+
+def _run_one(message: tuple) -> tuple:
+    job, name, args = message
+    try:
+        return (job, None, JOBS[name](*args))
+    except Exception as exc:  # the server maps it to the request's answer
+        return (job, exc, None)
+
+
+def _groups(messages: list[tuple]) -> list[list[tuple]]:
+    """Consecutive jobs that can run as one call, in arrival order (installs and forgets stay between)."""
+    groups: list[list[tuple]] = []
+    for message in messages:
+        key = _merge_key(message[1], message[2])
+        last = groups[-1] if groups else None
+        if key is not None and last and _merge_key(last[0][1], last[0][2]) == key:
+            last.append(message)
+        else:
+            groups.append([message])
+    return groups
 
 
 def classify_job(key: str, items: list[tuple[str, str | None]], max_seq_len: int):
@@ -167,18 +251,40 @@ def main(conn: Connection, max_windows: int) -> None:
 
     threading.Thread(target=receive, name="receive", daemon=True).start()
     while (message := inbox.get()) is not None:
-        job, name, args = message
-        try:
-            reply = (job, None, JOBS[name](*args))
-        except Exception as exc:  # the server maps it to the request's answer
-            reply = (job, exc, None)
-        if not job:  # fire and forget (install, retire, forget)
-            continue
-        try:
-            payload = ForkingPickler.dumps(reply)
-        except Exception as exc:
-            payload = ForkingPickler.dumps((job, RuntimeError(f"{type(reply[1]).__name__}: {exc}"), None))
-        try:
-            conn.send_bytes(payload)
-        except OSError:  # the server is gone
-            break
+        waiting, items = [message], _items(message)
+        while items < MAX_COALESCED_ITEMS:  # whatever else is already here
+            try:
+                message = inbox.get_nowait()
+            except queue.Empty:
+                break
+            if message is None:
+                break
+            waiting.append(message)
+            items += _items(message)
+        for group in _groups(waiting):
+            if len(group) == 1:
+                replies = [_run_one(group[0])]
+            else:
+                replies = (_prepare_many if group[0][1] == "prepare" else _answer_many)(group)
+            for reply in replies:
+                if reply[0] and not _send(conn, reply):  # job 0: fire and forget (install, forget)
+                    return
+        if message is None:
+            return
+
+
+def _items(message: tuple) -> int:
+    name, args = message[1], message[2]
+    return len(args[2]) if name == "prepare" else 1
+
+
+def _send(conn: Connection, reply: tuple) -> bool:
+    try:
+        payload = ForkingPickler.dumps(reply)
+    except Exception as exc:
+        payload = ForkingPickler.dumps((reply[0], RuntimeError(f"{type(reply[1]).__name__}: {exc}"), None))
+    try:
+        conn.send_bytes(payload)
+    except OSError:  # the server is gone
+        return False
+    return True

@@ -177,3 +177,54 @@ def test_sigterm_stops_the_workers_too(models_dir, tmp_path):
         poll(lambda: not any(Path(f"/proc/{p}").is_dir() for p in workers), 30)  # no orphans left
     finally:
         srv.stop()
+
+
+def test_jobs_waiting_together_run_as_one_call_and_keep_their_own_results(bert_qa_packed):
+    """A worker merges the requests' jobs it finds waiting (service/cpu_worker.py): each request gets
+    exactly what it gets alone; a bad request (a question with no room, NaN logits) fails alone."""
+    import numpy as np
+
+    import packer
+    from packer.runtime.tasks import qa
+    from service import cpu_worker
+
+    tokenizer = packer.load(bert_qa_packed).tokenizer
+    cpu_worker._TOKENIZERS["m"] = tokenizer
+    cpu_worker._LIMIT["windows"] = 10_000
+    options = qa.QAOptions(top_k=3, max_seq_len=96, doc_stride=32)
+    requests = [[*QA_PAIRS[i:], (QA_PAIRS[i][0], LONG)] for i in range(len(QA_PAIRS))]
+    requests.insert(2, [(QA_PAIRS[0][0], "short"), ("why " * 200, "no room for the context")])
+    prepares = [(100 + j, "prepare", ("m", 100 + j, pairs, options)) for j, pairs in enumerate(requests)]
+    ask_later = [(1, "forget", (999,)), (2, "prepare", ("m", 2, requests[0], qa.QAOptions()))]
+    groups = cpu_worker._groups(prepares[:3] + ask_later + prepares[3:])
+    assert [len(g) for g in groups] == [3, 1, 1, len(prepares) - 3]  # other options: not merged
+
+    for bad in (False, True):  # the merged calls succeed; then each fails on one request
+        chosen = [p for p in prepares if bad or p[0] != 102]
+        merged = {job: (error, packed) for job, error, packed in cpu_worker._prepare_many(chosen)}
+        if bad:
+            error = merged[102][0]
+            assert isinstance(error, qa.QAInputError) and "shorten the question" in str(error)
+        rng = np.random.default_rng(0)
+        answers, expected = [], {}
+        for j, pairs in enumerate(requests):
+            job = 100 + j
+            if j == 2:
+                continue
+            windows = qa.make_windows_batch(tokenizer, pairs, options)
+            packed = merged[job][1]
+            assert packed.ids.tolist() == np.concatenate([w.input_ids for ws in windows for w in ws]).tolist()
+            starts = rng.normal(0, 3, len(packed.ids)).astype(np.float32)
+            ends = rng.normal(0, 3, len(packed.ids)).astype(np.float32)
+            if bad and j == 4:
+                ends[3] = np.nan
+            answers.append((job, "answer", (job, starts, ends, options)))
+            if not (bad and j == 4):
+                logits = cpu_worker._logits(windows, starts, ends)
+                expected[job] = qa.answer_batch([c for _, c in pairs], windows, logits, options)
+        answers.append((555, "answer", (555, starts, ends, options)))  # never prepared (or dropped)
+        replies = {job: (error, result) for job, error, result in cpu_worker._answer_many(answers)}
+        assert isinstance(replies[555][0], cpu_worker.WindowsDropped)
+        assert isinstance(replies[104][0], qa.NonFiniteLogits) == bad
+        assert {job: result for job, (error, result) in replies.items() if error is None} == expected
+        assert not cpu_worker._PENDING  # every request's windows answered or failed, none left held
