@@ -79,8 +79,9 @@ class PackedInputs:
 
     def unpack(self) -> list[list[ModelInput]]:
         cut = np.cumsum(self.lengths)[:-1]
-        ids = np.split(self.ids.astype(np.int64), cut)
-        types = np.split(self.types.astype(np.int64), cut) if self.types is not None else [None] * len(ids)
+        # int32 views: batching pads them into int64 matrices (a copy per window here would be wasted)
+        ids = np.split(self.ids, cut)
+        types = np.split(self.types, cut) if self.types is not None else [None] * len(ids)
         flat = iter([ModelInput(i, t) for i, t in zip(ids, types, strict=True)])
         return [list(itertools.islice(flat, n)) for n in self.counts]
 

@@ -282,7 +282,8 @@ def answer_batch(
     k, rows, cols = np.nonzero(valid)  # the loop order: window, start rank, end rank
     s, e = starts[k, rows], ends[k, cols]
     sums = start_grid[k, 1 + s] + end_grid[k, 1 + e]
-    probs = _probabilities(start_grid, width, k, s) * _probabilities(end_grid, width, k, e)
+    start_probs, end_probs = _probabilities(np.stack([start_grid, end_grid]), width, k, s, e)
+    probs = start_probs * end_probs
     pair_item = item[k]
     chars = _chars(contexts, flat, pair_item, k, s, e, options)
     min_null = np.full(len(contexts), np.inf)
@@ -314,13 +315,16 @@ def _check_finite(
             raise NonFiniteLogits(f"window {w}: the model produced non-finite logits")
 
 
-def _probabilities(grid: np.ndarray, width: np.ndarray, k: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """softmax over each window's [CLS] and context logits, at context positions `at` of windows `k`.
-    Each window's sum runs over exactly its own tokens (the padding adds nothing, but the order of a
-    pairwise sum depends on the length: the probabilities equal the per-window softmax's to the bit)."""
-    e = np.exp(grid - grid.max(axis=1, keepdims=True))
-    total = np.fromiter((e[w, : 1 + m].sum() for w, m in enumerate(width.tolist())), np.float64, len(width))
-    return e[k, 1 + at] / total[k]
+def _probabilities(grids: np.ndarray, width: np.ndarray, k: np.ndarray, s: np.ndarray, e: np.ndarray):
+    """softmax over each window's [CLS] and context logits, for the starts (grids[0]) at context positions
+    `s` and the ends (grids[1]) at `e` of windows `k`. Each window's sum runs over exactly its own tokens
+    (the padding adds nothing, but the order of a pairwise sum depends on the length: the probabilities
+    equal the per-window softmax's to the bit)."""
+    ex = np.exp(grids - grids.max(axis=2, keepdims=True))
+    totals = np.empty((2, len(width)))
+    for w, m in enumerate(width.tolist()):
+        totals[:, w] = ex[:, w, : 1 + m].sum(axis=1)
+    return ex[0, k, 1 + s] / totals[0, k], ex[1, k, 1 + e] / totals[1, k]
 
 
 def _chars(contexts, windows, item, window, s, e, options: QAOptions) -> np.ndarray:
