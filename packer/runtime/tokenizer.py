@@ -1,4 +1,5 @@
-"""Tokenization for serving, through the `tokenizers` library alone (no transformers, no torch).
+"""Tokenization for serving, through the `tokenizers` library (no transformers, no torch), and for BERT
+tokenizers a fast path exact to it (packer/runtime/wordpiece.py).
 
 An artifact's tokenizer.json is the same Rust tokenizer transformers' fast tokenizers wrap; calling it
 the way transformers does (truncation and stride on the backend, overflowing encodings after the first)

@@ -134,7 +134,8 @@ class WordPieceFastPath:
         out = []
         for a, b, begin in zip(cuts[:-1], cuts[1:], begins.tolist(), strict=True):
             first_word = words[a] if b > a else 0
-            out.append((ids[a:b], offsets[a:b] - begin, words[a:b] - first_word, spans[a:b] - begin))
+            # copies, not views: a cached text must not keep the whole joined batch alive
+            out.append((ids[a:b].copy(), offsets[a:b] - begin, words[a:b] - first_word, spans[a:b] - begin))
         return out
 
     def plain(self, text: str):
