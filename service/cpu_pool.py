@@ -13,18 +13,20 @@ int32 buffer) and sends back the logits (one float32 buffer each for starts and 
 then answers and forgets the windows. A request that ends without answers (refused, timed out, client
 gone) tells the worker to forget them; a bound on windows held covers anything missed.
 
-Each worker is one process with one pipe. The server writes jobs to it and the event loop reads the
-replies as the pipe becomes readable: no thread of the server's in between (concurrent.futures'
-process pool passed each job through two threads of its own, which cost the server ~0.2 ms of CPU per
-window on two cores). A worker runs its jobs in order, so installing a model's tokenizer reaches it
-before any later request. A request goes to the worker with the fewest jobs outstanding (among
-equals, the next in turn). A worker that dies (killed, out of memory) is started again with every
-installed tokenizer as soon as its pipe closes; the requests it held fail with a 503.
+Each worker is one process with one pipe. The server writes jobs to it (directly, or through a
+sender thread when the pipe may be full: see _Worker) and the event loop reads the replies as the pipe
+becomes readable (concurrent.futures' process pool passed each job through two threads of its own and
+cost the server about twice the CPU per window). A worker runs its jobs in order, so installing a
+model's tokenizer reaches it before any later request. A request goes to the worker with the fewest
+jobs outstanding (among equals, the next in turn). A worker that dies (killed, out of memory) is
+started again with every installed tokenizer as soon as its pipe closes; the requests it held fail
+with a 503.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import multiprocessing
@@ -35,6 +37,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
+from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 
@@ -99,20 +102,63 @@ class _Lost(Exception):
     """The worker died before replying."""
 
 
+# Bytes a worker may have written to it directly and not yet read: well inside a socket pair's send
+# buffer (~200 KB on Linux), so a direct write never blocks the event loop.
+DIRECT_BYTES = 64 * 1024
+
+
 @dataclass(eq=False)
 class _Worker:
+    """One worker process and the server's end of its pipe.
+
+    A job is written to the pipe at once, from the thread that posts it, when nothing is queued ahead of
+    it and the bytes written but not yet read stay under DIRECT_BYTES (a reply to a job means the worker
+    has read everything written before it: it reads in order). Otherwise it waits in the outbox for the
+    sender thread, in order: the event loop never waits on a pipe a busy or just-started worker has not
+    read (a tokenizer to install is ~1 MB). Writing directly saves the server a thread switch per job.
+    """
+
     process: multiprocessing.Process
     conn: object  # multiprocessing.connection.Connection, the server's end
     pending: dict[int, asyncio.Future] = field(default_factory=dict)  # job -> its reply
     loop: asyncio.AbstractEventLoop | None = None  # the loop reading the replies
-    # Jobs in order for the sender thread, which pickles and writes them: the event loop never waits on
-    # a pipe that a busy (or just started) worker has not read yet.
     outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # guards what follows, and direct writes
+    queued: int = 0  # in the outbox or being written by the sender thread
+    unread: int = 0  # bytes written directly, not known to be read
+    direct: collections.deque = field(default_factory=collections.deque)  # (sequence, bytes) written
+    sequence: int = 0  # of every post, in the order they reach the pipe
+    sequence_of: dict[int, int] = field(default_factory=dict)  # job -> its sequence
+
+    def post(self, message: tuple) -> None:
+        payload = ForkingPickler.dumps(message)
+        job = message[0]
+        with self.lock:
+            self.sequence += 1
+            if job:
+                self.sequence_of[job] = self.sequence
+            if not self.queued and self.unread + len(payload) <= DIRECT_BYTES:
+                with suppress(OSError, ValueError):  # closed: the reader sees it and replaces the worker
+                    self.conn.send_bytes(payload)
+                self.unread += len(payload)
+                self.direct.append((self.sequence, len(payload)))
+                return
+            self.queued += 1
+            self.outbox.put(payload)
+
+    def read_up_to(self, job: int) -> None:
+        """A reply came for `job`: the worker has read every message written up to it."""
+        with self.lock:
+            upto = self.sequence_of.pop(job, 0)
+            while self.direct and self.direct[0][0] <= upto:
+                self.unread -= self.direct.popleft()[1]
 
     def send_all(self) -> None:
         with suppress(OSError, ValueError):  # the pipe closed: the reader sees it and replaces the worker
-            while (message := self.outbox.get()) is not None:
-                self.conn.send(message)
+            while (payload := self.outbox.get()) is not None:
+                self.conn.send_bytes(payload)
+                with self.lock:
+                    self.queued -= 1
 
 
 class ProcessCpuPool:
@@ -154,7 +200,7 @@ class ProcessCpuPool:
 
     @staticmethod
     def _post(worker: _Worker, name: str, *args, job: int = 0) -> None:
-        worker.outbox.put((job, name, args))
+        worker.post((job, name, args))
 
     def _watch(self, worker: _Worker, loop: asyncio.AbstractEventLoop) -> None:
         """Read `worker`'s replies on `loop` (the pool outlives event loops in benchmarks and tests)."""
@@ -174,6 +220,7 @@ class ProcessCpuPool:
 
     @staticmethod
     def _deliver(worker: _Worker, job: int, error: Exception | None, result) -> None:
+        worker.read_up_to(job)
         future = worker.pending.pop(job, None)
         if future is not None and not future.done():
             future.set_result((error, result))

@@ -228,3 +228,35 @@ def test_jobs_waiting_together_run_as_one_call_and_keep_their_own_results(bert_q
         assert isinstance(replies[104][0], qa.NonFiniteLogits) == bad
         assert {job: result for job, (error, result) in replies.items() if error is None} == expected
         assert not cpu_worker._PENDING  # every request's windows answered or failed, none left held
+
+
+def test_jobs_reach_a_worker_in_order_and_a_full_pipe_never_blocks_the_server():
+    """The server writes small jobs straight into a worker's pipe while little is unread, and queues
+    the rest for its sender thread: 1.2 MB posted to a worker that reads nothing never blocks the
+    poster (a pipe holds ~200 KB), and everything arrives in the order it was posted."""
+    import multiprocessing
+    import threading
+
+    from service.cpu_pool import DIRECT_BYTES, _Worker
+
+    server_end, worker_end = multiprocessing.Pipe()
+    worker = _Worker(process=None, conn=server_end)
+    threading.Thread(target=worker.send_all, daemon=True).start()
+    chunk = "x" * 30_000
+
+    def post_all():
+        for job in range(1, 41):
+            worker.post((job, "prepare", (chunk,)))
+
+    poster = threading.Thread(target=post_all)
+    poster.start()
+    poster.join(30)
+    assert not poster.is_alive(), "posting blocked on a pipe nobody reads"
+    assert 0 < worker.unread <= DIRECT_BYTES and worker.queued > 0
+    assert [worker_end.recv()[0] for _ in range(40)] == list(range(1, 41))
+    worker.read_up_to(40)  # a reply to the last job: everything before it was read
+    assert worker.unread == 0
+    poll(lambda: worker.queued == 0, 10)
+    worker.post((41, "ping", ()))  # nothing queued, nothing unread: written directly again
+    assert worker.unread > 0 and worker_end.recv()[0] == 41
+    worker.outbox.put(None)
