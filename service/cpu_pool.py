@@ -232,6 +232,7 @@ class ProcessCpuPool:
         while True:
             reply_job, error, result = pickle.loads(worker.conn.recv_bytes())
             if reply_job == job:
+                worker.read_up_to(job)
                 if error is not None:
                     raise error
                 return result

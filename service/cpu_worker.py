@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import pickle
 import queue
 import signal
 import threading
@@ -280,10 +281,13 @@ def _items(message: tuple) -> int:
 
 
 def _send(conn: Connection, reply: tuple) -> bool:
+    job, error, _ = reply
     try:
         payload = ForkingPickler.dumps(reply)
-    except Exception as exc:
-        payload = ForkingPickler.dumps((reply[0], RuntimeError(f"{type(reply[1]).__name__}: {exc}"), None))
+        if error is not None:  # an exception must also load on the other side (its own arguments)
+            pickle.loads(payload)
+    except Exception:
+        payload = ForkingPickler.dumps((job, RuntimeError(f"{type(error).__name__}: {error}"), None))
     try:
         conn.send_bytes(payload)
     except OSError:  # the server is gone

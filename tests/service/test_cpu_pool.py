@@ -260,3 +260,27 @@ def test_jobs_reach_a_worker_in_order_and_a_full_pipe_never_blocks_the_server():
     worker.post((41, "ping", ()))  # nothing queued, nothing unread: written directly again
     assert worker.unread > 0 and worker_end.recv()[0] == 41
     worker.outbox.put(None)
+
+
+class TwoArgumentError(Exception):
+    """Pickles, but cannot be rebuilt from its args (the message alone)."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+
+
+def test_an_exception_that_cannot_travel_back_still_answers_the_job():
+    """A worker's error must reach the server, or the request would wait for its deadline: one that
+    cannot be rebuilt there arrives as a RuntimeError naming it."""
+    import multiprocessing
+    import pickle
+
+    from service import cpu_worker
+
+    worker_end, server_end = multiprocessing.Pipe()
+    assert cpu_worker._send(worker_end, (7, TwoArgumentError(1, 2), None))
+    job, error, result = pickle.loads(server_end.recv_bytes())
+    assert job == 7 and result is None
+    assert type(error) is RuntimeError and str(error) == "TwoArgumentError: 1/2"
+    assert cpu_worker._send(worker_end, (8, ValueError("fine"), None))
+    assert type(pickle.loads(server_end.recv_bytes())[1]) is ValueError
