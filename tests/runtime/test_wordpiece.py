@@ -44,17 +44,37 @@ def bert_tokenizer(bert_qa_packed):
     return tok
 
 
-def test_random_text_encodes_as_the_library(bert_tokenizer):
-    fast = bert_tokenizer._fast
-    texts = random_texts(4000)
-    answered = [(t, fast.plain(t)) for t in texts]
+# BertNormalizer's options as BERT-family checkpoints set them: cased, accents stripped or kept,
+# control characters kept, CJK not split.
+NORMALIZERS = [
+    {},
+    {"lowercase": False},
+    {"strip_accents": True},
+    {"lowercase": False, "strip_accents": False},
+    {"clean_text": False},
+    {"handle_chinese_chars": False},
+]
+
+
+@pytest.mark.parametrize("normalizer", NORMALIZERS, ids=lambda n: ",".join(f"{k}={v}" for k, v in n.items()))
+def test_random_text_encodes_as_the_library(bert_tokenizer, normalizer):
+    from tokenizers import Tokenizer
+
+    from packer.runtime.tokenizer import TextTokenizer
+
+    spec = json.loads(bert_tokenizer._json)
+    spec["normalizer"].update(normalizer)
+    tok = TextTokenizer(Tokenizer.from_str(json.dumps(spec)), 0, True)
+    assert tok.fast_path
+    texts = random_texts(1500 if normalizer else 4000)
+    answered = [(t, tok._fast.plain(t)) for t in texts]
     handled = [(t, got) for t, got in answered if got is not None]
     assert len(handled) > len(texts) / 3  # texts with "[SEP]" or a dotted I go to the library whole
-    assert all(same(bert_tokenizer, t, got) for t, got in handled)
+    assert all(same(tok, t, got) for t, got in handled)
     for i in range(0, 600, 6):  # joined in batches of 1-9 and cut apart again
         group = texts[i : i + 1 + i % 9]
-        for t, got in zip(group, fast.plain_many(group), strict=True):
-            assert got is None or same(bert_tokenizer, t, got), repr(t)
+        for t, got in zip(group, tok._fast.plain_many(group), strict=True):
+            assert got is None or same(tok, t, got), repr(t)
 
 
 def test_the_tasks_tokenizer_gives_the_library_encodings_for_all_texts(bert_tokenizer):
