@@ -139,6 +139,10 @@ def answer(token: int, starts: np.ndarray, ends: np.ndarray, options: qa.QAOptio
     found = forget(token)
     if found is None:
         raise WindowsDropped(token)
+    return _answer_held(found, starts, ends, options)
+
+
+def _answer_held(found: tuple, starts: np.ndarray, ends: np.ndarray, options: qa.QAOptions):
     contexts, windows = found
     return qa.answer_batch(contexts, windows, _logits(windows, starts, ends), options)
 
@@ -186,9 +190,9 @@ def _answer_many(jobs: list[tuple]) -> list[tuple]:
     try:
         results = qa.answer_batch(contexts, windows, logits, jobs[0][2][3]) if held else []
     except Exception:  # answer each alone: the error stays with its request
-        for (job, _, args), (cs, wss) in held:
+        for (job, _, args), found_windows in held:
             try:
-                replies.append((job, None, qa.answer_batch(cs, wss, _logits(wss, args[1], args[2]), args[3])))
+                replies.append((job, None, _answer_held(found_windows, *args[1:])))
             except Exception as exc:
                 replies.append((job, exc, None))
         return replies

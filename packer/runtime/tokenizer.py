@@ -134,7 +134,6 @@ class TextTokenizer:
             for pair in (False, True)
         }
         self._cache = PlainCache(cache_tokens) if cache_tokens > 0 else None
-        self._fast = None
         self._fast = self._checked_fast_path()
         self.template = self._pair_template()
 
@@ -211,7 +210,7 @@ class TextTokenizer:
 
     def ids_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Each text's token ids without special tokens."""
-        return [plain.ids for plain in self._plains(texts)]
+        return self._encode_all(texts, lambda found: found[0], lambda e: np.asarray(e.ids, dtype=np.int64))
 
     @property
     def fast_path(self) -> bool:
@@ -221,10 +220,13 @@ class TextTokenizer:
     def _plains(self, texts: list[str]) -> list[Plain]:
         """Each text encoded alone: through the fast path where the tokenizer has one, the rest in one
         batched call of the library (which runs it without the GIL)."""
+        return self._encode_all(texts, lambda found: _frozen(*found), _plain)
+
+    def _encode_all(self, texts: list[str], from_fast, from_library) -> list:
         found = self._fast.plain_many(texts) if self._fast is not None else [None] * len(texts)
         rest = [t for t, f in zip(texts, found, strict=True) if f is None]
         encoded = iter(self._backend(None).encode_batch(rest, add_special_tokens=False) if rest else ())
-        return [_frozen(*f) if f is not None else _plain(next(encoded)) for f in found]
+        return [from_fast(f) if f is not None else from_library(next(encoded)) for f in found]
 
     def _library_plain(self, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         plain = _plain(self._backend(None).encode(text, add_special_tokens=False))

@@ -282,8 +282,6 @@ def answer_batch(
     k, rows, cols = np.nonzero(valid)  # the loop order: window, start rank, end rank
     s, e = starts[k, rows], ends[k, cols]
     sums = start_grid[k, 1 + s] + end_grid[k, 1 + e]
-    start_probs, end_probs = _probabilities(np.stack([start_grid, end_grid]), width, k, s, e)
-    probs = start_probs * end_probs
     pair_item = item[k]
     chars = _chars(contexts, flat, pair_item, k, s, e, options)
     min_null = np.full(len(contexts), np.inf)
@@ -292,12 +290,15 @@ def answer_batch(
     np.maximum.at(best, pair_item, sums)
     ranked = _rank(pair_item, sums, chars, max(len(c) for c in contexts) + 2)
     place = np.arange(len(ranked)) - np.searchsorted(pair_item[ranked], pair_item[ranked])  # rank in item
+    chosen = ranked[place < options.top_k]
+    # Probabilities only for the pairs answered (each is its own element-wise product).
+    start_probs, end_probs = _probabilities(
+        np.stack([start_grid, end_grid]), width, k[chosen], s[chosen], e[chosen]
+    )
     answers: list[list[Answer]] = [[] for _ in contexts]
-    for i in ranked[place < options.top_k].tolist():
+    for i, p in zip(chosen.tolist(), (start_probs * end_probs).tolist(), strict=True):
         context, begin, stop = contexts[pair_item[i]], int(chars[i, 0]), int(chars[i, 1])
-        answers[pair_item[i]].append(
-            Answer(context[begin:stop], float(probs[i]), begin, stop, logit_sum=float(sums[i]))
-        )
+        answers[pair_item[i]].append(Answer(context[begin:stop], p, begin, stop, logit_sum=float(sums[i])))
     return [_result(a, float(n), float(b), options) for a, n, b in zip(answers, min_null, best, strict=True)]
 
 
