@@ -222,7 +222,8 @@ def test_combining_marks_stay_with_their_character(bert_qa_packed):
 
 @pytest.fixture(scope="module")
 def fair_server(models_dir, tmp_path_factory):
-    srv = Server(models_dir, tmp_path_factory.mktemp("fair") / "serve.log", max_windows_per_request=3000)
+    log = tmp_path_factory.mktemp("fair") / "serve.log"
+    srv = Server(models_dir, log, max_windows_per_request=3000, queue_size=4096)
     yield srv
     srv.stop()
 
@@ -239,7 +240,9 @@ def big_request(windows_per_item: int = 40, items: int = 20) -> dict:
 def test_a_small_request_is_answered_while_a_big_one_runs(fair_server):
     async def scenario():
         async with httpx.AsyncClient(base_url=fair_server.url, timeout=120) as http:
-            big = asyncio.ensure_future(http.post("/v1/models/qa/qa", json=big_request()))
+            # ~2,400 windows: over a second of queue on this machine, against ~30 ms for the two small
+            # requests, so a loaded machine's stall does not let the big one finish first.
+            big = asyncio.ensure_future(http.post("/v1/models/qa/qa", json=big_request(windows_per_item=80)))
             deadline = time.monotonic() + 60
             while fair_server.metric("prune_serve_queue_depth", model="qa") < 100:
                 assert time.monotonic() < deadline and not big.done()
